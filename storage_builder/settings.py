@@ -14,7 +14,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from storage_builder.errors import ConfigError
@@ -23,14 +23,20 @@ _BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
 _PREFIX = re.compile(r"^[A-Za-z0-9_\-/]*$")
 
 
-class PostgresSettings(BaseModel):
+class _Section(BaseModel):
+    """A section of the settings: a misspelt name is an error, never silently ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class PostgresSettings(_Section):
     """The source database."""
 
     dsn: SecretStr = SecretStr("postgresql://storage_builder@127.0.0.1:5432/storage_builder")
     statement_timeout_s: float = Field(default=0, ge=0)
 
 
-class KafkaSettings(BaseModel):
+class KafkaSettings(_Section):
     """Kafka and the Debezium topics.
 
     ``client`` passes any librdkafka setting through unchanged (``security.protocol``,
@@ -67,7 +73,7 @@ class KafkaSettings(BaseModel):
         return config
 
 
-class RedisSettings(BaseModel):
+class RedisSettings(_Section):
     """The version registry. ``rediss://`` URLs use TLS; a password may sit in the URL."""
 
     url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")
@@ -82,7 +88,7 @@ class RedisSettings(BaseModel):
         return value
 
 
-class S3Settings(BaseModel):
+class S3Settings(_Section):
     """The object store. Credentials come from the standard AWS chain unless set here."""
 
     bucket: str = "storage-builder"
@@ -109,7 +115,7 @@ class S3Settings(BaseModel):
         return value.strip("/")
 
 
-class SnapshotSettings(BaseModel):
+class SnapshotSettings(_Section):
     """How snapshots are cut into segments and how long superseded objects live."""
 
     segment_max_rows: int = Field(default=50_000, ge=2)
@@ -125,7 +131,7 @@ class SnapshotSettings(BaseModel):
         return value
 
 
-class ConsumerSettings(BaseModel):
+class ConsumerSettings(_Section):
     """Micro-batching, backpressure and shutdown of ``consume``."""
 
     flush_max_age_s: float = Field(default=1.0, gt=0)
@@ -216,7 +222,8 @@ def load_settings(
     try:
         return Settings(**values)
     except ValidationError as error:
-        raise ConfigError(describe_validation_error(error, source=str(path) if path else None))
+        source = str(path) if path else None
+        raise ConfigError(describe_validation_error(error, source=source)) from None
 
 
 def describe_validation_error(error: ValidationError, source: str | None = None) -> str:
