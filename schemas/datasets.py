@@ -188,8 +188,8 @@ def parse_client_id(value: object) -> int:
         raise InvalidTargetError(f"client id {value!r} is not a plain integer")
     if isinstance(value, int):
         number = value
-    elif isinstance(value, str) and value.isascii() and value.isdigit() and value == str(
-        int(value)
+    elif (
+        isinstance(value, str) and value.isascii() and value.isdigit() and value == str(int(value))
     ):
         number = int(value)
     else:

@@ -21,6 +21,7 @@ import psycopg
 import pytest
 import redis
 
+from schemas.source import ensure_schema
 from storage_builder.settings import Settings, load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -85,14 +86,20 @@ def settings_to_toml(settings: Settings) -> str:
             if isinstance(value, dict):
                 inner = ", ".join(f'"{k}" = "{v}"' for k, v in value.items())
                 lines.append(f"{name} = {{ {inner} }}")
-            elif isinstance(value, bool):
-                lines.append(f"{name} = {'true' if value else 'false'}")
-            elif isinstance(value, int | float):
-                lines.append(f"{name} = {value}")
             else:
-                lines.append(f'{name} = "{value}"')
+                lines.append(f"{name} = {_toml_value(value)}")
         lines.append("")
     return "\n".join(lines)
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return str(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 @pytest.fixture
@@ -104,6 +111,7 @@ def pg(base_settings: Settings) -> Iterator[psycopg.Connection]:
     except psycopg.OperationalError as error:
         pytest.fail(f"PostgreSQL at {base_settings.postgres.dsn} is unreachable: {error}")
     with conn:
+        ensure_schema(conn)
         yield conn
 
 
