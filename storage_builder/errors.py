@@ -8,6 +8,7 @@
     ├── RegistryError            Redis failed; nothing was published half-way
     │   └── PublishConflict      the compare-and-set lost: a newer version exists
     ├── SnapshotFormatError      a segment or manifest cannot be read; carries the key
+    │   └── SnapshotNotFoundError  the target has no published snapshot
     ├── DecodeError              a change event cannot be decoded; carries the reason
     └── StackError               a service of ops/stack is not running or not reachable
 
@@ -64,6 +65,10 @@ class SnapshotFormatError(StorageBuilderError):
     def __init__(self, message: str, key: str | None = None) -> None:
         super().__init__(message)
         self.key = key
+
+
+class SnapshotNotFoundError(SnapshotFormatError):
+    """The target has no snapshot: nothing in Redis and no manifest in S3."""
 
 
 class DecodeError(StorageBuilderError):

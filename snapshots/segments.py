@@ -1,0 +1,426 @@
+"""Segments: Avro object container files holding one contiguous key range of a target.
+
+A segment is written in blocks of a known number of rows, so each block holds a known key
+range. The file's metadata carries the dataset, the client, the key range and, per block,
+its first and last key, row count and checksum; any Avro reader can still read the file,
+since the dataset's record schema is embedded as usual.
+
+Encoding consumes rows lazily (a generator of dicts goes straight into fastavro's writer),
+so memory is bounded by one segment's compressed bytes. A rewrite decodes only the blocks
+that hold changed keys and copies every other block byte for byte, keeping the file's sync
+marker; an oversize result splits at block boundaries.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import math
+import os
+from bisect import bisect_right
+from collections.abc import Collection, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from functools import cache
+from typing import Any
+
+import fastavro
+from fastavro.write import Writer
+
+from schemas.datasets import Dataset
+from snapshots import _container
+from snapshots.checksums import row_hash
+from storage_builder.errors import InvalidTargetError, SnapshotFormatError
+
+# A block is cut after block_rows records, never by size: the writer's own size trigger is
+# pushed out of reach.
+_NEVER = 2**62
+
+META_DATASET = "sb.dataset"
+META_CLIENT = "sb.client_id"
+META_BLOCKS = "sb.blocks"
+
+
+@dataclass(frozen=True)
+class _Block:
+    """A compressed block and what is known of it without decoding it."""
+
+    raw: bytes
+    first_key: int
+    last_key: int
+    rows: int
+    checksum: int
+
+
+@dataclass(frozen=True)
+class EncodedSegment:
+    """A segment's bytes and its totals, ready to upload and enter into a manifest."""
+
+    data: bytes
+    rows: int
+    min_key: int
+    max_key: int
+    checksum: int
+    block_keys: list[int] = field(default_factory=list)
+
+
+@cache
+def _schemas(dataset: Dataset) -> tuple[Any, bytes]:
+    schema = dataset.avro_schema()
+    return fastavro.parse_schema(schema), json.dumps(schema, separators=(",", ":")).encode()
+
+
+def _encode_blocks(
+    dataset: Dataset,
+    rows: Iterable[dict[str, Any]],
+    *,
+    codec: str,
+    block_rows: int,
+    sync: bytes,
+    client_id: int | None,
+    after: int | None = None,
+) -> list[_Block]:
+    """Encode rows (ascending keys, all above ``after``) into blocks of ``block_rows``."""
+    parsed, _ = _schemas(dataset)
+    key_column, version_column = dataset.key_column, dataset.version_column
+    client_column = dataset.client_column
+    out = io.BytesIO()
+    writer = Writer(out, parsed, codec=codec, sync_interval=_NEVER, sync_marker=sync)
+    offsets = [out.tell()]
+    infos: list[tuple[int, int, int, int]] = []
+    count = checksum = 0
+    first = previous = after
+
+    for row in rows:
+        key = row[key_column]
+        if previous is not None and key <= previous:
+            raise ValueError(f"{dataset.name} rows are not in ascending key order at key {key}")
+        if client_id is not None and row[client_column] != client_id:
+            raise InvalidTargetError(
+                f"row {key} of {dataset.name} belongs to client {row[client_column]!r}, "
+                f"not {client_id}; refused"
+            )
+        try:
+            writer.write(row)
+        except (ValueError, TypeError, AttributeError, KeyError) as error:
+            raise ValueError(f"row {key} of {dataset.name} cannot be encoded: {error!r}") from None
+        if count == 0:
+            first = key
+        count += 1
+        checksum += row_hash(key, row[version_column])
+        previous = key
+        if count == block_rows:
+            writer.flush()
+            offsets.append(out.tell())
+            infos.append((first, key, count, checksum))  # type: ignore[arg-type]
+            count = checksum = 0
+
+    if count:
+        writer.flush()
+        offsets.append(out.tell())
+        infos.append((first, previous, count, checksum))  # type: ignore[arg-type]
+    body = out.getbuffer()
+    blocks = [
+        _Block(bytes(body[start:end]), *info)
+        for start, end, info in zip(offsets[:-1], offsets[1:], infos, strict=True)
+    ]
+    body.release()
+    return blocks
+
+
+def _assemble(
+    dataset: Dataset, blocks: list[_Block], codec: str, sync: bytes, extra: dict[str, bytes]
+) -> EncodedSegment:
+    """Prepend a header describing ``blocks`` and return the whole segment."""
+    _, schema_json = _schemas(dataset)
+    described = [[b.first_key, b.last_key, b.rows, str(b.checksum)] for b in blocks]
+    metadata = {
+        "avro.schema": schema_json,
+        "avro.codec": codec.encode(),
+        META_DATASET: dataset.name.encode(),
+        **extra,
+        META_BLOCKS: json.dumps(described, separators=(",", ":")).encode(),
+    }
+    header = _container.build_header(metadata, sync)
+    return EncodedSegment(
+        data=b"".join([header, *(block.raw for block in blocks)]),
+        rows=sum(block.rows for block in blocks),
+        min_key=blocks[0].first_key,
+        max_key=blocks[-1].last_key,
+        checksum=sum(block.checksum for block in blocks),
+        block_keys=[block.first_key for block in blocks],
+    )
+
+
+def _client_metadata(client_id: int | None) -> dict[str, bytes]:
+    return {} if client_id is None else {META_CLIENT: str(client_id).encode()}
+
+
+def encode_segment(
+    dataset: Dataset,
+    rows: Iterable[dict[str, Any]],
+    *,
+    codec: str,
+    block_rows: int,
+    client_id: int | None = None,
+) -> EncodedSegment:
+    """Encode rows, in ascending key order, into one segment.
+
+    With ``client_id``, every row must belong to that client (InvalidTargetError otherwise)
+    and the client is recorded in the file's metadata.
+    """
+    sync = os.urandom(_container.SYNC_SIZE)
+    blocks = _encode_blocks(
+        dataset, rows, codec=codec, block_rows=block_rows, sync=sync, client_id=client_id
+    )
+    if not blocks:
+        raise ValueError(f"a segment of {dataset.name} needs at least one row")
+    return _assemble(dataset, blocks, codec, sync, _client_metadata(client_id))
+
+
+def encode_segments(
+    dataset: Dataset,
+    rows: Iterable[dict[str, Any]],
+    *,
+    codec: str,
+    block_rows: int,
+    max_rows: int,
+    client_id: int | None = None,
+) -> Iterator[EncodedSegment]:
+    """Cut rows, in ascending key order, into segments of at most ``max_rows``, lazily."""
+    iterator = iter(rows)
+    for first in iterator:
+        chunk = itertools.chain((first,), itertools.islice(iterator, max_rows - 1))
+        yield encode_segment(
+            dataset, chunk, codec=codec, block_rows=block_rows, client_id=client_id
+        )
+
+
+def iter_segment_rows(data: bytes) -> Iterator[dict[str, Any]]:
+    """The rows of a segment, in key order, with exact Python values."""
+    try:
+        reader = fastavro.reader(io.BytesIO(data))
+    except ValueError as error:
+        raise SnapshotFormatError(f"not a readable segment: {error}") from None
+    yield from reader  # type: ignore[misc]
+
+
+def segment_metadata(data: bytes) -> dict[str, str]:
+    """The metadata of a segment's header, decoded as text (the schema included)."""
+    metadata, _, _ = _container.parse_header(data)
+    return {name: value.decode() for name, value in metadata.items()}
+
+
+def _decode_block(container: _container.Container, raw: bytes) -> list[dict[str, Any]]:
+    # A block alone behind the file's own header is a valid container fastavro can read.
+    return list(fastavro.reader(io.BytesIO(container.header + raw)))  # type: ignore[arg-type]
+
+
+def _known_blocks(dataset: Dataset, container: _container.Container) -> list[_Block]:
+    """The blocks with their key ranges and checksums, from the header when it has them."""
+    described = container.metadata.get(META_BLOCKS)
+    infos = json.loads(described) if described else None
+    if infos is not None and len(infos) == len(container.blocks):
+        return [
+            _Block(block.raw, first, last, rows, int(checksum))
+            for block, (first, last, rows, checksum) in zip(container.blocks, infos, strict=True)
+        ]
+
+    # A segment written by another tool: decode each block once to learn what it holds.
+    blocks = []
+    for block in container.blocks:
+        rows = _decode_block(container, block.raw)
+        checksum = sum(
+            row_hash(row[dataset.key_column], row[dataset.version_column]) for row in rows
+        )
+        keys = [row[dataset.key_column] for row in rows]
+        blocks.append(_Block(block.raw, keys[0], keys[-1], len(rows), checksum))
+    return blocks
+
+
+def _check_changes(
+    dataset: Dataset, upserts: Mapping[int, dict[str, Any]], deletes: Collection[int]
+) -> None:
+    for key, row in upserts.items():
+        held = row.get(dataset.key_column)
+        if held != key:
+            raise ValueError(f"upsert of {dataset.name} under key {key} holds key {held!r}")
+    both = set(upserts).intersection(deletes)
+    if both:
+        raise ValueError(f"keys {sorted(both)[:5]} of {dataset.name} are both upserted and deleted")
+
+
+def _apply(
+    dataset: Dataset,
+    rows: Iterable[dict[str, Any]],
+    upserts: Mapping[int, dict[str, Any]],
+    deletes: Collection[int],
+) -> list[dict[str, Any]]:
+    merged = {row[dataset.key_column]: row for row in rows}
+    for key in deletes:
+        merged.pop(key, None)
+    merged.update(upserts)
+    return [merged[key] for key in sorted(merged)]
+
+
+def _split(blocks: list[_Block], max_rows: int) -> list[list[_Block]]:
+    """Cut blocks into contiguous parts of at most ``max_rows`` rows, of similar sizes."""
+    total = sum(block.rows for block in blocks)
+    wanted = math.ceil(total / max_rows)
+    if wanted <= 1:
+        return [blocks]
+    share = total / wanted
+    parts: list[list[_Block]] = [[]]
+    rows = 0
+    for block in blocks:
+        over_share = rows + block.rows / 2 > share and len(parts) < wanted
+        if parts[-1] and (over_share or rows + block.rows > max_rows):
+            parts.append([])
+            rows = 0
+        parts[-1].append(block)
+        rows += block.rows
+    return parts
+
+
+def _file_codec(container: _container.Container) -> str:
+    return container.metadata.get("avro.codec", b"null").decode()
+
+
+def _parse(data: bytes) -> _container.Container:
+    try:
+        return _container.parse(data)
+    except (ValueError, IndexError) as error:
+        raise SnapshotFormatError(f"not a readable segment: {error}") from None
+
+
+def rewrite_segment(
+    dataset: Dataset,
+    data: bytes,
+    upserts: Mapping[int, dict[str, Any]],
+    deletes: Collection[int],
+    *,
+    codec: str,
+    block_rows: int,
+    max_rows: int,
+    client_id: int | None = None,
+) -> list[EncodedSegment]:
+    """Apply changes to a segment; return its new parts ([] when no row is left).
+
+    Only the blocks holding changed keys (a new key belongs to the block whose range it
+    falls in) are decoded and re-encoded; the others are copied as they are. When the file
+    was written with another codec than ``codec`` the whole segment is re-encoded instead.
+    """
+    _check_changes(dataset, upserts, deletes)
+    block_rows = max(1, min(block_rows, max_rows))
+    container = _parse(data)
+    if _file_codec(container) != codec or not container.blocks:
+        return rewrite_segment_fully(
+            dataset,
+            data,
+            upserts,
+            deletes,
+            codec=codec,
+            block_rows=block_rows,
+            max_rows=max_rows,
+            client_id=client_id,
+        )
+
+    blocks = _known_blocks(dataset, container)
+    firsts = [block.first_key for block in blocks]
+    touched: dict[int, list[int]] = {}
+    for key in itertools.chain(upserts, deletes):
+        touched.setdefault(max(0, bisect_right(firsts, key) - 1), []).append(key)
+
+    result: list[_Block] = []
+    index = 0
+    while index < len(blocks):
+        if index not in touched:
+            result.append(blocks[index])
+            index += 1
+            continue
+        end = index
+        while end < len(blocks) and end in touched:
+            end += 1
+        result += _rewrite_run(
+            dataset,
+            container,
+            blocks[index:end],
+            [key for i in range(index, end) for key in touched[i]],
+            upserts,
+            deletes,
+            block_rows=block_rows,
+            client_id=client_id,
+            after=blocks[index - 1].last_key if index else None,
+        )
+        index = end
+
+    return _parts(dataset, result, container, codec, max_rows)
+
+
+def _rewrite_run(
+    dataset: Dataset,
+    container: _container.Container,
+    run: list[_Block],
+    keys: list[int],
+    upserts: Mapping[int, dict[str, Any]],
+    deletes: Collection[int],
+    *,
+    block_rows: int,
+    client_id: int | None,
+    after: int | None,
+) -> list[_Block]:
+    """Decode a run of adjacent touched blocks, apply their changes, encode them again."""
+    existing = itertools.chain.from_iterable(_decode_block(container, b.raw) for b in run)
+    run_upserts = {key: upserts[key] for key in keys if key in upserts}
+    run_deletes = [key for key in keys if key not in upserts]
+    rows = _apply(dataset, existing, run_upserts, run_deletes)
+    return _encode_blocks(
+        dataset,
+        rows,
+        codec=_file_codec(container),
+        block_rows=block_rows,
+        sync=container.sync,
+        client_id=client_id,
+        after=after,
+    )
+
+
+def _parts(
+    dataset: Dataset,
+    blocks: list[_Block],
+    container: _container.Container,
+    codec: str,
+    max_rows: int,
+) -> list[EncodedSegment]:
+    if not blocks:
+        return []
+    extra = {name: value for name, value in container.metadata.items() if name == META_CLIENT}
+    return [
+        _assemble(dataset, part, codec, container.sync, extra) for part in _split(blocks, max_rows)
+    ]
+
+
+def rewrite_segment_fully(
+    dataset: Dataset,
+    data: bytes,
+    upserts: Mapping[int, dict[str, Any]],
+    deletes: Collection[int],
+    *,
+    codec: str,
+    block_rows: int,
+    max_rows: int,
+    client_id: int | None = None,
+) -> list[EncodedSegment]:
+    """Like :func:`rewrite_segment`, decoding and re-encoding every row (the slow path)."""
+    _check_changes(dataset, upserts, deletes)
+    container = _parse(data)
+    rows = _apply(dataset, iter_segment_rows(data), upserts, deletes)
+    blocks = _encode_blocks(
+        dataset,
+        rows,
+        codec=codec,
+        block_rows=max(1, min(block_rows, max_rows)),
+        sync=container.sync,
+        client_id=client_id,
+    )
+    return _parts(dataset, blocks, container, codec, max_rows)

@@ -1,0 +1,248 @@
+"""The object store: S3 or any S3-compatible service, through one lazily built boto3 client.
+
+botocore retries throttling and transient errors itself (standard mode); around each request
+we add a few retries with exponential backoff and full jitter for connection errors, which
+a restarting proxy or a flaky network produces and botocore gives up on quickly. Every
+failure that survives the retries raises ObjectStoreError carrying the object key. The
+client is thread-safe, so segments upload concurrently from a thread pool.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import boto3
+import botocore.exceptions
+from boto3.s3.transfer import TransferConfig
+from botocore.config import Config
+
+from storage_builder.errors import ObjectStoreError
+from storage_builder.settings import S3Settings
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Objects above this size go through boto3's managed (multipart) transfer.
+MULTIPART_THRESHOLD = 32 * 1024 * 1024
+_DELETE_BATCH = 1000
+_CONNECTION_ERRORS = (
+    botocore.exceptions.ConnectionError,
+    botocore.exceptions.HTTPClientError,
+)
+_BACKOFF_BASE_S = 0.1
+_BACKOFF_MAX_S = 2.0
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """One listed object."""
+
+    key: str
+    size: int
+    last_modified: float
+
+
+class ObjectStore:
+    """The bucket named by ``S3Settings``; no network until the first request."""
+
+    def __init__(self, s3: S3Settings) -> None:
+        self.settings = s3
+        self.bucket = s3.bucket
+        self.requests = 0
+        self.bytes_written = 0
+        self.multipart_threshold = MULTIPART_THRESHOLD
+        self._client: Any = None
+        self._lock = threading.Lock()
+        # Our own retries come on top of botocore's, for connection errors only.
+        self._attempts = min(3, s3.max_attempts)
+
+    @property
+    def client(self) -> Any:
+        with self._lock:
+            if self._client is None:
+                self._client = self._build_client()
+            return self._client
+
+    def _build_client(self) -> Any:
+        s3 = self.settings
+        config = Config(
+            signature_version="s3v4",
+            retries={"mode": "standard", "max_attempts": s3.max_attempts},
+            max_pool_connections=s3.upload_threads + 4,
+            connect_timeout=5,
+            read_timeout=60,
+            s3={"addressing_style": "path"} if s3.endpoint_url else None,
+        )
+        credentials: dict[str, Any] = {}
+        if s3.access_key_id and s3.secret_access_key is not None:
+            credentials = {
+                "aws_access_key_id": s3.access_key_id,
+                "aws_secret_access_key": s3.secret_access_key.get_secret_value(),
+            }
+        session = boto3.session.Session()
+        return session.client(
+            "s3",
+            endpoint_url=s3.endpoint_url,
+            region_name=s3.region,
+            config=config,
+            **credentials,
+        )
+
+    def _where(self) -> str:
+        return f"s3://{self.bucket} at {self.settings.endpoint_url or 'AWS'}"
+
+    def _count(self, written: int = 0) -> None:
+        with self._lock:
+            self.requests += 1
+            self.bytes_written += written
+
+    def _call(self, what: str, key: str | None, request: Callable[[], T]) -> T:
+        """Run one request with our retries; translate every failure to ObjectStoreError."""
+        for attempt in range(1, self._attempts + 1):
+            try:
+                return request()
+            except _CONNECTION_ERRORS as error:
+                if attempt == self._attempts:
+                    raise ObjectStoreError(
+                        f"{what} {key!r} failed: cannot reach {self._where()} "
+                        f"after {attempt} attempts ({error}); check s3.endpoint_url",
+                        key=key,
+                    ) from error
+                delay = random.uniform(0, min(_BACKOFF_MAX_S, _BACKOFF_BASE_S * 2**attempt))
+                log.warning("%s %r failed (%s); retrying in %.2fs", what, key, error, delay)
+                time.sleep(delay)
+            except botocore.exceptions.ClientError as error:
+                code = error.response.get("Error", {}).get("Code", "?")
+                raise ObjectStoreError(
+                    f"{what} {key!r} in {self._where()} failed: {code}: {error}", key=key
+                ) from error
+            except botocore.exceptions.BotoCoreError as error:
+                raise ObjectStoreError(
+                    f"{what} {key!r} in {self._where()} failed: {error}", key=key
+                ) from error
+        raise AssertionError("unreachable")
+
+    def ensure_bucket(self) -> None:
+        """Create the bucket if it does not exist yet."""
+
+        def ensure() -> None:
+            try:
+                self.client.head_bucket(Bucket=self.bucket)
+                return
+            except botocore.exceptions.ClientError as error:
+                if error.response.get("Error", {}).get("Code") not in ("404", "NoSuchBucket"):
+                    raise
+            extra: dict[str, Any] = {}
+            if self.settings.region != "us-east-1":
+                extra["CreateBucketConfiguration"] = {"LocationConstraint": self.settings.region}
+            with contextlib.suppress(self.client.exceptions.BucketAlreadyOwnedByYou):
+                self.client.create_bucket(Bucket=self.bucket, **extra)
+            log.info("created bucket %s", self.bucket)
+
+        self._call("create bucket", None, ensure)
+
+    def put(self, key: str, data: bytes) -> None:
+        """Write one object (multipart above MULTIPART_THRESHOLD)."""
+        if len(data) >= self.multipart_threshold:
+            config = TransferConfig(multipart_threshold=self.multipart_threshold, max_concurrency=4)
+            self._call(
+                "put",
+                key,
+                lambda: self.client.upload_fileobj(
+                    io.BytesIO(data), self.bucket, key, Config=config
+                ),
+            )
+        else:
+            self._call(
+                "put", key, lambda: self.client.put_object(Bucket=self.bucket, Key=key, Body=data)
+            )
+        self._count(len(data))
+        log.debug("put %s (%d bytes)", key, len(data))
+
+    def get(self, key: str) -> bytes:
+        """Read one object; a missing one raises ObjectStoreError saying so."""
+
+        def get() -> bytes:
+            response = self.client.get_object(Bucket=self.bucket, Key=key)
+            return bytes(response["Body"].read())
+
+        data = self._call("get", key, get)
+        self._count()
+        return data
+
+    def exists(self, key: str) -> bool:
+        def head() -> bool:
+            try:
+                self.client.head_object(Bucket=self.bucket, Key=key)
+                return True
+            except botocore.exceptions.ClientError as error:
+                if error.response.get("Error", {}).get("Code") in ("404", "NoSuchKey"):
+                    return False
+                raise
+
+        found = self._call("head", key, head)
+        self._count()
+        return found
+
+    def list(self, prefix: str) -> Iterator[ObjectInfo]:
+        """Every object below ``prefix``, in key order, page by page."""
+        for page in self._pages(prefix, delimiter=None):
+            for item in page.get("Contents", []):
+                yield ObjectInfo(
+                    key=item["Key"],
+                    size=item["Size"],
+                    last_modified=item["LastModified"].timestamp(),
+                )
+
+    def list_prefixes(self, prefix: str) -> Iterator[str]:
+        """The "directories" directly below ``prefix`` (common prefixes, ending in '/')."""
+        for page in self._pages(prefix, delimiter="/"):
+            for item in page.get("CommonPrefixes", []):
+                yield item["Prefix"]
+
+    def _pages(self, prefix: str, delimiter: str | None) -> Iterator[dict[str, Any]]:
+        arguments: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix}
+        if delimiter:
+            arguments["Delimiter"] = delimiter
+        while True:
+            page = self._call("list", prefix, lambda: self.client.list_objects_v2(**arguments))
+            self._count()
+            yield page
+            if not page.get("IsTruncated"):
+                return
+            arguments["ContinuationToken"] = page["NextContinuationToken"]
+
+    def delete_many(self, keys: Iterable[str]) -> int:
+        """Delete objects in batches; returns how many were deleted."""
+        pending = list(keys)
+        deleted = 0
+        for start in range(0, len(pending), _DELETE_BATCH):
+            batch = pending[start : start + _DELETE_BATCH]
+            request = {"Objects": [{"Key": key} for key in batch], "Quiet": True}
+            response = self._call(
+                "delete",
+                batch[0],
+                lambda request=request: self.client.delete_objects(  # type: ignore[misc]
+                    Bucket=self.bucket, Delete=request
+                ),
+            )
+            self._count()
+            errors = response.get("Errors", [])
+            if errors:
+                first = errors[0]
+                raise ObjectStoreError(
+                    f"delete of {len(errors)} objects failed, first {first.get('Key')!r}: "
+                    f"{first.get('Code')} {first.get('Message')}",
+                    key=first.get("Key"),
+                )
+            deleted += len(batch)
+        return deleted

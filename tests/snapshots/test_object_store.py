@@ -1,0 +1,66 @@
+"""The object store against the stack's S3: round trips, listing, errors naming the key."""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from snapshots.store import ObjectStore
+from storage_builder.errors import ObjectStoreError
+from storage_builder.settings import Settings
+
+
+@pytest.fixture
+def store(settings: Settings) -> ObjectStore:
+    object_store = ObjectStore(settings.s3)
+    object_store.ensure_bucket()
+    return object_store
+
+
+def test_put_get_list_delete(store: ObjectStore, settings: Settings) -> None:
+    prefix = f"{settings.s3.prefix}/store/"
+    for name in ("b", "a", "c/d"):
+        store.put(prefix + name, name.encode() * 3)
+
+    assert store.get(prefix + "c/d") == b"c/dc/dc/d"
+    assert store.exists(prefix + "a") and not store.exists(prefix + "zz")
+    listed = list(store.list(prefix))
+    assert [info.key for info in listed] == [prefix + "a", prefix + "b", prefix + "c/d"]
+    assert [info.size for info in listed] == [3, 3, 9]
+    assert list(store.list_prefixes(prefix)) == [prefix + "c/"]
+    assert store.bytes_written == 15 and store.requests >= 7
+
+    assert store.delete_many(info.key for info in listed) == 3
+    assert list(store.list(prefix)) == []
+
+
+def test_a_missing_object_raises_with_its_key(store: ObjectStore, settings: Settings) -> None:
+    key = f"{settings.s3.prefix}/missing"
+    with pytest.raises(ObjectStoreError, match="NoSuchKey") as caught:
+        store.get(key)
+    assert caught.value.key == key
+
+
+def test_an_unreachable_endpoint_raises_with_the_key_and_the_setting(settings: Settings) -> None:
+    s3 = settings.s3.model_copy(update={"endpoint_url": "http://127.0.0.1:9", "max_attempts": 1})
+    with pytest.raises(ObjectStoreError, match="check s3.endpoint_url") as caught:
+        ObjectStore(s3).put("some/key", b"x")
+    assert caught.value.key == "some/key"
+
+
+def test_concurrent_uploads_from_threads(store: ObjectStore, settings: Settings) -> None:
+    keys = [f"{settings.s3.prefix}/threads/{n:03d}" for n in range(24)]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        list(pool.map(lambda key: store.put(key, key.encode()), keys))
+    assert [store.get(key) for key in keys] == [key.encode() for key in keys]
+    assert store.bytes_written == sum(len(key) for key in keys)
+
+
+def test_large_objects_go_through_multipart(store: ObjectStore, settings: Settings) -> None:
+    store.multipart_threshold = 5 * 1024 * 1024
+    data = os.urandom(11 * 1024 * 1024)
+    key = f"{settings.s3.prefix}/large"
+    store.put(key, data)
+    assert store.get(key) == data
