@@ -1,0 +1,205 @@
+"""Reading a target from PostgreSQL: the queries, their snapshot, and the key ranges.
+
+Two row shapes are read. The *encoder* shape lets PostgreSQL do the costly conversions
+while it streams: dates as days since the epoch, timestamps with time zone as epoch
+microseconds, numerics as their unscaled integer, jsonb as its canonical text. Those are
+exactly the values the Avro logical types store, so the encoder never builds a ``date``,
+``datetime`` or ``Decimal``. The *exact* shape reads the values as Python objects, for
+comparing a snapshot with the database.
+
+Every read of a target happens in one REPEATABLE READ transaction, whose
+``pg_current_snapshot()`` becomes the snapshot's source position; several processes share
+one database snapshot through ``pg_export_snapshot()`` / ``SET TRANSACTION SNAPSHOT``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from schemas.datasets import DATASETS, Column, Dataset, Target, get_dataset
+from storage_builder.errors import SourceError
+
+log = logging.getLogger(__name__)
+
+FETCH_ROWS = 5_000
+
+# numeric(p, s) with p <= 18 always fits a bigint once scaled; wider ones travel as text.
+_BIGINT_DIGITS = 18
+
+
+@dataclass(frozen=True)
+class TargetSnapshot:
+    """The database snapshot a target is read in: its text form and, when exported, its id."""
+
+    pg_snapshot: str
+    exported_id: str | None = None
+
+
+def _encoder_expression(column: Column) -> sql.Composable:
+    name = sql.Identifier(column.name)
+    numeric = column.numeric_scale
+    if numeric is not None:
+        precision, scale = numeric
+        cast = "bigint" if precision <= _BIGINT_DIGITS else f"numeric({precision + scale},0)"
+        text = "" if precision <= _BIGINT_DIGITS else "::text"
+        return sql.SQL("(({} * {}::numeric)::{}){}").format(
+            name, sql.Literal(10**scale), sql.SQL(cast), sql.SQL(text)
+        )
+    if column.pg_type == "date":
+        return sql.SQL("({} - date '1970-01-01')").format(name)
+    if column.pg_type == "timestamptz":
+        return sql.SQL("(extract(epoch from {}) * 1000000)::bigint").format(name)
+    if column.pg_type == "jsonb":
+        return sql.SQL("{}::text").format(name)
+    return name
+
+
+def _exact_expression(column: Column) -> sql.Composable:
+    # jsonb is kept as PostgreSQL's canonical text, the form snapshots store.
+    if column.pg_type == "jsonb":
+        return sql.SQL("{}::text").format(sql.Identifier(column.name))
+    return sql.Identifier(column.name)
+
+
+def range_query(
+    dataset: Dataset, *, exact: bool = False, lo: int | None = None, hi: int | None = None
+) -> tuple[sql.Composed, list[Any]]:
+    """The rows of one client in ``[lo, hi)`` in key order, and the query's parameters."""
+    expression = _exact_expression if exact else _encoder_expression
+    columns = sql.SQL(", ").join(expression(column) for column in dataset.columns)
+    key = sql.Identifier(dataset.key_column)
+    conditions = [sql.SQL("{} = %s").format(sql.Identifier(dataset.client_column))]
+    params: list[Any] = []
+    if lo is not None:
+        conditions.append(sql.SQL("{} >= %s").format(key))
+        params.append(lo)
+    if hi is not None:
+        conditions.append(sql.SQL("{} < %s").format(key))
+        params.append(hi)
+    query = sql.SQL("SELECT {} FROM {}.{} WHERE {} ORDER BY {}").format(
+        columns,
+        sql.Identifier(dataset.schema),
+        sql.Identifier(dataset.name),
+        sql.SQL(" AND ").join(conditions),
+        key,
+    )
+    return query, params
+
+
+def connect(dsn: str) -> psycopg.Connection:
+    """A connection for reading targets; failures name the setting to check."""
+    try:
+        return psycopg.connect(dsn, connect_timeout=10)
+    except psycopg.Error as error:
+        raise SourceError(f"cannot connect to PostgreSQL (postgres.dsn): {error}") from None
+
+
+@contextmanager
+def snapshot_transaction(
+    conn: psycopg.Connection, *, import_id: str | None = None, export: bool = False
+) -> Iterator[TargetSnapshot]:
+    """A read-only REPEATABLE READ transaction, importing or exporting its snapshot.
+
+    The transaction stays open for the whole block: an exported snapshot can be imported
+    only while the transaction that exported it is still open.
+    """
+    with conn.transaction():
+        conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        if import_id is not None:
+            conn.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(import_id)))
+        query = "SELECT pg_current_snapshot()::text" + (", pg_export_snapshot()" if export else "")
+        row = conn.execute(query).fetchone()
+        assert row is not None
+        yield TargetSnapshot(pg_snapshot=row[0], exported_id=row[1] if export else None)
+
+
+def stream_rows(
+    conn: psycopg.Connection,
+    target: Target,
+    *,
+    exact: bool = False,
+    lo: int | None = None,
+    hi: int | None = None,
+) -> Iterator[tuple[Any, ...]]:
+    """The rows of ``target`` in ``[lo, hi)`` in key order, fetched in batches.
+
+    Must run inside :func:`snapshot_transaction`; a server-side cursor keeps at most one
+    batch in memory, whatever the size of the target.
+    """
+    dataset = get_dataset(target.dataset)
+    query, params = range_query(dataset, exact=exact, lo=lo, hi=hi)
+    with conn.cursor(name=f"sb_{target.dataset}_{target.client_id}") as cursor:
+        cursor.itersize = FETCH_ROWS
+        cursor.execute(query, [target.client_id, *params])
+        while batch := cursor.fetchmany(FETCH_ROWS):
+            yield from batch
+
+
+def split_points(conn: psycopg.Connection, target: Target, parts: int) -> list[int]:
+    """Keys that cut ``target`` into ``parts`` ranges of about equal row counts.
+
+    Reads only the primary-key index (an index-only scan over one client's keys).
+    """
+    if parts < 2:
+        return []
+    dataset = get_dataset(target.dataset)
+    fractions = [i / parts for i in range(1, parts)]
+    query = sql.SQL(
+        "SELECT percentile_disc(%s::float8[]) WITHIN GROUP (ORDER BY {key}) "
+        "FROM {schema}.{table} WHERE {client} = %s"
+    ).format(
+        key=sql.Identifier(dataset.key_column),
+        schema=sql.Identifier(dataset.schema),
+        table=sql.Identifier(dataset.name),
+        client=sql.Identifier(dataset.client_column),
+    )
+    row = conn.execute(query, [fractions, target.client_id]).fetchone()
+    points = row[0] if row and row[0] else []
+    return sorted(set(points))
+
+
+def row_counts(
+    conn: psycopg.Connection, dataset: Dataset, clients: Sequence[int] | None = None
+) -> dict[int, int]:
+    """Rows per client of one dataset, of every client or the given ones (absent: 0 rows)."""
+    query = sql.SQL("SELECT {client}, count(*) FROM {schema}.{table} {where} GROUP BY {client}")
+    where = sql.SQL("WHERE {} = ANY(%s)").format(sql.Identifier(dataset.client_column))
+    composed = query.format(
+        client=sql.Identifier(dataset.client_column),
+        schema=sql.Identifier(dataset.schema),
+        table=sql.Identifier(dataset.name),
+        where=where if clients is not None else sql.SQL(""),
+    )
+    params = [list(clients)] if clients is not None else []
+    return {client: count for client, count in conn.execute(composed, params).fetchall()}
+
+
+def client_ids(conn: psycopg.Connection, dataset: Dataset) -> list[int]:
+    """Every client with rows in ``dataset``."""
+    query = sql.SQL("SELECT DISTINCT {} FROM {}.{}").format(
+        sql.Identifier(dataset.client_column),
+        sql.Identifier(dataset.schema),
+        sql.Identifier(dataset.name),
+    )
+    return sorted(row[0] for row in conn.execute(query).fetchall())
+
+
+def client_row_counts(conn: psycopg.Connection, client_id: int) -> dict[str, int]:
+    """Rows of one client in each dataset."""
+    counts = {}
+    for dataset in DATASETS.values():
+        query = sql.SQL("SELECT count(*) FROM {}.{} WHERE {} = %s").format(
+            sql.Identifier(dataset.schema),
+            sql.Identifier(dataset.name),
+            sql.Identifier(dataset.client_column),
+        )
+        row = conn.execute(query, [client_id]).fetchone()
+        counts[dataset.name] = row[0] if row else 0
+    return counts
