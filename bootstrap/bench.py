@@ -1,17 +1,20 @@
 """``bench bootstrap`` and ``bench rebuild``: the W1 and W2 workloads, one JSON object each.
 
-Benchmark data lives in its own client id range and is generated inside PostgreSQL by
-``generate_series`` (seeding 10 million rows row by row from Python would take longer than
-the rebuild it measures); it is kept between runs and regenerated only when its row count
-is not the one asked for. Snapshots go below their own S3 prefix and Redis key prefix.
+The benchmarks run in a database of their own on the same server, ``storage_builder_bench``:
+its tables have no publication, so the millions of rows they seed never reach the change
+stream the consumers follow, and being UNLOGGED they do not even pass through the WAL a
+replication slot holds back. The rows are generated inside PostgreSQL by
+``generate_series`` and kept between runs: a marker table records what each target was
+seeded with, so a rerun asking for the same rows starts at once. Snapshots go below their
+own S3 prefix and Redis key prefix, emptied before every run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
-import resource
 import threading
 import time
 from pathlib import Path
@@ -21,14 +24,27 @@ import fastavro
 import psycopg
 import typer
 from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from pydantic import SecretStr
 
 from bootstrap import source
-from bootstrap.snapshot import FAILED, bootstrap_targets
+from bootstrap.snapshot import FAILED, bootstrap_targets, open_writer
 from schemas.datasets import DATASETS, Column, Dataset, Target, get_dataset
+from schemas.source import apply_schema
+from snapshots.publish import SnapshotWriter
 from storage_builder.settings import Settings
 
+BENCH_DATABASE = "storage_builder_bench"
+BENCH_S3_PREFIX = "bench"
+BENCH_KEY_PREFIX = "bench:"
+# Client ids of the benchmark targets (in the benchmark database): W1's target of N rows is
+# client BENCH_CLIENT_BASE + N, W2's clients follow REBUILD_FIRST_CLIENT.
 BENCH_CLIENT_BASE = 8_000_000_000
+REBUILD_FIRST_CLIENT = BENCH_CLIENT_BASE + 1_000_000_000
 NAIVE_SAMPLE_ROWS = 20_000
+# Bumped whenever the generated values change, so older seeded rows are regenerated.
+SEED_GENERATION = 1
+_MARKER = sql.Identifier("public", "bench_seed")
 
 
 def register_benchmarks(bench_app: typer.Typer) -> None:
@@ -37,27 +53,81 @@ def register_benchmarks(bench_app: typer.Typer) -> None:
     bench_app.command("rebuild")(bench_rebuild_command)
 
 
-def _bench_settings(settings: Settings) -> Settings:
+def bench_settings(settings: Settings) -> Settings:
+    """The settings pointed at the benchmark database, S3 prefix and Redis key prefix."""
+    dsn = settings.postgres.dsn.get_secret_value()
+    bench_dsn = make_conninfo(dsn, dbname=BENCH_DATABASE)
     return settings.model_copy(
         update={
-            "s3": settings.s3.model_copy(update={"prefix": "bench"}),
-            "redis": settings.redis.model_copy(update={"key_prefix": "bench:"}),
+            "postgres": settings.postgres.model_copy(update={"dsn": SecretStr(bench_dsn)}),
+            "s3": settings.s3.model_copy(update={"prefix": BENCH_S3_PREFIX}),
+            "redis": settings.redis.model_copy(update={"key_prefix": BENCH_KEY_PREFIX}),
         }
     )
+
+
+def ensure_bench_database(settings: Settings) -> None:
+    """Create the benchmark database when missing: the dataset tables, no publication.
+
+    ``settings`` are the ordinary ones; the database is created on the same server, from a
+    connection to the configured database.
+    """
+    dsn = settings.postgres.dsn.get_secret_value()
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        exists = conn.execute(
+            "SELECT 1 FROM pg_database WHERE datname = %s", [BENCH_DATABASE]
+        ).fetchone()
+        if exists is None:
+            # A concurrent run may create it in the meantime.
+            with contextlib.suppress(psycopg.errors.DuplicateDatabase):
+                conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(BENCH_DATABASE)))
+    bench_dsn = make_conninfo(dsn, dbname=BENCH_DATABASE)
+    with psycopg.connect(bench_dsn, autocommit=True) as conn:
+        if conn.execute("SELECT to_regclass('public.bench_seed')").fetchone() == (None,):
+            apply_schema(conn, publication=False)
+            # Benchmark rows need no crash safety, and unlogged writes skip the WAL.
+            for dataset in DATASETS.values():
+                table = sql.Identifier(dataset.schema, dataset.name)
+                conn.execute(sql.SQL("ALTER TABLE {} SET UNLOGGED").format(table))
+            conn.execute(
+                sql.SQL(
+                    "CREATE TABLE IF NOT EXISTS {} (dataset text, client_id bigint, rows bigint,"
+                    " generation int, PRIMARY KEY (dataset, client_id))"
+                ).format(_MARKER)
+            )
+
+
+def clean_outputs(writer: SnapshotWriter, settings: Settings) -> int:
+    """Delete what earlier runs left below the benchmark S3 prefix and Redis key prefix."""
+    store = writer.store
+    store.ensure_bucket()
+    deleted = store.delete_many(info.key for info in store.list(settings.s3.prefix + "/"))
+    client = writer.registry.client
+    keys = list(client.scan_iter(match=settings.redis.key_prefix + "*", count=1000))
+    for start in range(0, len(keys), 1000):
+        client.delete(*keys[start : start + 1000])
+    return deleted
+
+
+def _database_name(settings: Settings) -> str:
+    return str(conninfo_to_dict(settings.postgres.dsn.get_secret_value()).get("dbname", ""))
 
 
 class PeakRss:
     """The peak resident memory of this process and all its descendants, sampled.
 
-    ``peak_mb`` sums the proportional set size (PSS): a page shared by several processes
-    of the tree (the interpreter, libraries loaded before a fork) counts once, as it does in
-    physical memory. ``peak_rss_sum_mb`` sums plain RSS, counting shared pages per process.
+    ``peak_rss_mb`` is the largest sum of plain RSS over the process tree seen at one
+    sample: what the processes hold, each counted in full, shared pages included.
+    ``peak_pss_mb`` sums the proportional set size instead (a page shared by several
+    processes counts once, as in physical memory). Peaks per process are kept too.
     """
 
     def __init__(self, interval_s: float = 0.05) -> None:
         self.interval_s = interval_s
         self.peak_pss_kb = 0
         self.peak_rss_kb = 0
+        self.peak_by_pid: dict[int, int] = {}
+        self._root = os.getpid()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, name="peak-rss", daemon=True)
 
@@ -70,16 +140,29 @@ class PeakRss:
         self._thread.join()
 
     @property
-    def peak_mb(self) -> float:
+    def peak_rss_mb(self) -> float:
+        return round(self.peak_rss_kb / 1024, 1)
+
+    @property
+    def peak_pss_mb(self) -> float:
         return round(self.peak_pss_kb / 1024, 1)
 
     @property
-    def peak_rss_sum_mb(self) -> float:
-        return round(self.peak_rss_kb / 1024, 1)
+    def root_peak_mb(self) -> float:
+        return round(self.peak_by_pid.get(self._root, 0) / 1024, 1)
+
+    @property
+    def worker_peak_mb(self) -> float:
+        others = [kb for pid, kb in self.peak_by_pid.items() if pid != self._root]
+        return round(max(others, default=0) / 1024, 1)
 
     def _sample(self) -> None:
         while not self._stop.wait(self.interval_s):
-            pss, rss = _tree_memory_kb(os.getpid())
+            pss = rss = 0
+            for pid, (one_pss, one_rss) in _tree_memory_kb(self._root).items():
+                pss += one_pss
+                rss += one_rss
+                self.peak_by_pid[pid] = max(self.peak_by_pid.get(pid, 0), one_rss)
             self.peak_pss_kb = max(self.peak_pss_kb, pss)
             self.peak_rss_kb = max(self.peak_rss_kb, rss)
 
@@ -104,19 +187,22 @@ def _descendants(root: int) -> list[int]:
     return found
 
 
-def _tree_memory_kb(root: int) -> tuple[int, int]:
-    pss = rss = 0
+def _tree_memory_kb(root: int) -> dict[int, tuple[int, int]]:
+    """PSS and RSS in kB of ``root`` and each of its descendants."""
+    memory = {}
     for pid in _descendants(root):
         try:
             rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
         except OSError:
             continue
+        pss = rss = 0
         for line in rollup.splitlines():
             if line.startswith("Pss:"):
-                pss += int(line.split()[1])
+                pss = int(line.split()[1])
             elif line.startswith("Rss:"):
-                rss += int(line.split()[1])
-    return pss, rss
+                rss = int(line.split()[1])
+        memory[pid] = (pss, rss)
+    return memory
 
 
 def _generated_value(column: Column) -> str:
@@ -139,11 +225,32 @@ def _generated_value(column: Column) -> str:
     return value
 
 
+def _marker_rows(conn: psycopg.Connection, target: Target) -> int | None:
+    """The rows the marker table says ``target`` was seeded with (None: no marker)."""
+    if conn.execute("SELECT to_regclass('public.bench_seed')").fetchone() == (None,):
+        return None
+    row = conn.execute(
+        sql.SQL(
+            "SELECT rows FROM {} WHERE dataset = %s AND client_id = %s AND generation = %s"
+        ).format(_MARKER),
+        [target.dataset, target.client_id, SEED_GENERATION],
+    ).fetchone()
+    return -1 if row is None else row[0]
+
+
 def seed_target(conn: psycopg.Connection, target: Target, rows: int) -> bool:
-    """Give ``target`` exactly ``rows`` generated rows; False when it already had them."""
+    """Give ``target`` exactly ``rows`` generated rows; False when it already had them.
+
+    In the benchmark database the marker table answers; elsewhere the rows are counted.
+    """
     dataset = get_dataset(target.dataset)
     table = sql.SQL("{}.{}").format(sql.Identifier(dataset.schema), sql.Identifier(dataset.name))
-    if source.row_counts(conn, dataset, [target.client_id]).get(target.client_id, 0) == rows:
+    marked = _marker_rows(conn, target)
+    if marked is None:
+        counted = source.row_counts(conn, dataset, [target.client_id])
+        if counted.get(target.client_id, 0) == rows:
+            return False
+    elif marked == rows:
         return False
     with conn.transaction():
         conn.execute(
@@ -151,6 +258,14 @@ def seed_target(conn: psycopg.Connection, target: Target, rows: int) -> bool:
         )
         if rows:
             conn.execute(_insert_query(dataset, table), [target.client_id, rows])
+        if marked is not None:
+            conn.execute(
+                sql.SQL(
+                    "INSERT INTO {} VALUES (%s, %s, %s, %s) ON CONFLICT (dataset, client_id) "
+                    "DO UPDATE SET rows = excluded.rows, generation = excluded.generation"
+                ).format(_MARKER),
+                [target.dataset, target.client_id, rows, SEED_GENERATION],
+            )
     return True
 
 
@@ -187,9 +302,11 @@ def copy_rows_per_s(conn: psycopg.Connection, targets: list[Target]) -> tuple[in
     return rows, time.perf_counter() - started
 
 
-def naive_rows_per_s(conn: psycopg.Connection, target: Target, sample: int) -> float:
-    """The old service's shape, on a sample: per row a query, a fetch, a serialization and
-    a write."""
+def naive_rows(
+    conn: psycopg.Connection, target: Target, sample: int, offset: int = 0
+) -> tuple[int, float]:
+    """The old service's shape on ``sample`` rows from the ``offset``-th key: per row a
+    query (one round trip), a fetch, a serialization and a write. Rows and seconds."""
     dataset = get_dataset(target.dataset)
     schema = fastavro.parse_schema(dataset.avro_schema())
     names = dataset.column_names
@@ -201,10 +318,10 @@ def naive_rows_per_s(conn: psycopg.Connection, target: Target, sample: int) -> f
     keys = [
         row[0]
         for row in conn.execute(
-            sql.SQL("SELECT id FROM {}.{} WHERE client_id = %s ORDER BY id LIMIT %s").format(
-                sql.Identifier(dataset.schema), sql.Identifier(dataset.name)
-            ),
-            [target.client_id, sample],
+            sql.SQL(
+                "SELECT id FROM {}.{} WHERE client_id = %s ORDER BY id LIMIT %s OFFSET %s"
+            ).format(sql.Identifier(dataset.schema), sql.Identifier(dataset.name)),
+            [target.client_id, sample, offset],
         )
     ]
     sink = open(os.devnull, "wb")  # noqa: SIM115 - closed below, after the timed loop
@@ -220,24 +337,36 @@ def naive_rows_per_s(conn: psycopg.Connection, target: Target, sample: int) -> f
             sink.flush()
     elapsed = time.perf_counter() - started
     sink.close()
-    return len(keys) / elapsed
+    return len(keys), elapsed
+
+
+def _load() -> float:
+    return round(os.getloadavg()[0], 2)
 
 
 def _bootstrap(settings: Settings, targets: list[Target], parallel: int) -> dict[str, Any]:
+    # One writer, and so one S3 client, for the cleaning and the bootstrap: a second client
+    # would count in the coordinator's memory, and the bootstrap command has one.
+    writer = open_writer(settings)
+    clean_outputs(writer, settings)
+    load = _load()
     with PeakRss() as rss:
         started = time.perf_counter()
-        results = bootstrap_targets(targets, settings, parallel=parallel, force=True)
+        results = bootstrap_targets(targets, settings, parallel=parallel, force=True, writer=writer)
         seconds = time.perf_counter() - started
-    failed = [str(result.target) for result in results if result.outcome == FAILED]
+    writer.close()
+    failed = [f"{result.target} ({result.error})" for result in results if result.outcome == FAILED]
     if failed:
-        raise typer.BadParameter(f"benchmark targets failed: {', '.join(failed)}")
-    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+        raise typer.BadParameter(f"benchmark targets failed: {', '.join(failed[:5])}")
     return {
         "rows": sum(result.rows for result in results),
         "seconds": seconds,
-        "peak_rss_mb": rss.peak_mb,
-        "peak_rss_sum_mb": rss.peak_rss_sum_mb,
-        "max_worker_rss_mb": round(children / 1024, 1),
+        "peak_rss_mb": rss.peak_rss_mb,
+        "peak_pss_mb": rss.peak_pss_mb,
+        "coordinator_peak_rss_mb": rss.root_peak_mb,
+        "worker_peak_rss_mb": rss.worker_peak_mb,
+        "load_1m_before": load,
+        "load_1m_after": _load(),
     }
 
 
@@ -254,32 +383,59 @@ def bench_bootstrap_command(
     typer.echo(json.dumps(bench_bootstrap(settings_of(ctx), rows, parallel)))
 
 
-def bench_bootstrap(settings: Settings, rows: int, parallel: int) -> dict[str, Any]:
-    """The W1 figures: the bootstrap, the naive path on a sample and the COPY ceiling."""
-    settings = _bench_settings(settings)
-    target = Target("raw_data", BENCH_CLIENT_BASE + rows)
+def _prepare(settings: Settings, sizes: dict[Target, int]) -> Settings:
+    """The benchmark settings, with every target seeded as asked (reusing earlier rows)."""
+    ensure_bench_database(settings)
+    settings = bench_settings(settings)
     with psycopg.connect(settings.postgres.dsn.get_secret_value(), autocommit=True) as conn:
-        if seed_target(conn, target, rows):
-            conn.execute("VACUUM ANALYZE raw_data")
-        copy_rows, copy_seconds = copy_rows_per_s(conn, [target])
-        naive = naive_rows_per_s(conn, target, min(NAIVE_SAMPLE_ROWS, rows))
+        seeded = {
+            target.dataset for target, rows in sizes.items() if seed_target(conn, target, rows)
+        }
+        for dataset in sorted(seeded):
+            conn.execute(sql.SQL("VACUUM ANALYZE {}").format(sql.Identifier(dataset)))
+    return settings
+
+
+def bench_bootstrap(settings: Settings, rows: int, parallel: int) -> dict[str, Any]:
+    """The W1 figures: the bootstrap, the naive path on a sample and the COPY ceiling.
+
+    The machine is shared, so its load drifts during a run: half of the naive sample and
+    one COPY are measured just before the bootstrap, the other half and a second COPY just
+    after, and each rate is their total rows over their total time.
+    """
+    target = Target("raw_data", BENCH_CLIENT_BASE + rows)
+    settings = _prepare(settings, {target: rows})
+    sample = min(NAIVE_SAMPLE_ROWS, rows)
+    dsn = settings.postgres.dsn.get_secret_value()
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        copy_before = copy_rows_per_s(conn, [target])
+        naive_before = naive_rows(conn, target, sample // 2)
     run = _bootstrap(settings, [target], parallel)
-    rows_per_s = run["rows"] / run["seconds"]
-    copy_rate = copy_rows / copy_seconds
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        naive_after = naive_rows(conn, target, sample - sample // 2, offset=sample // 2)
+        copy_after = copy_rows_per_s(conn, [target])
+    rows_per_s = run.pop("rows") / run["seconds"]
+    naive = _rate(naive_before, naive_after)
+    copy_rate = _rate(copy_before, copy_after)
     return {
         "workload": "W1 bootstrap",
-        "rows": run["rows"],
-        "seconds": round(run["seconds"], 2),
+        "database": _database_name(settings),
+        "rows": rows,
+        "seconds": round(run.pop("seconds"), 2),
         "rows_per_s": round(rows_per_s),
         "naive_rows_per_s": round(naive),
-        "naive_sample_rows": min(NAIVE_SAMPLE_ROWS, rows),
+        "naive_sample_rows": sample,
         "copy_rows_per_s": round(copy_rate),
+        "copy_rows_per_s_before_after": [round(r / t) for r, t in (copy_before, copy_after)],
         "vs_naive": round(rows_per_s / naive, 2),
         "vs_copy": round(rows_per_s / copy_rate, 3),
-        "peak_rss_mb": run["peak_rss_mb"],
-        "peak_rss_sum_mb": run["peak_rss_sum_mb"],
+        **run,
         "parallel": parallel,
     }
+
+
+def _rate(*measures: tuple[int, float]) -> float:
+    return sum(rows for rows, _ in measures) / sum(seconds for _, seconds in measures)
 
 
 def rebuild_sizes(clients: int, total_rows: int) -> list[int]:
@@ -303,28 +459,29 @@ def bench_rebuild_command(
 
 def bench_rebuild(settings: Settings, clients: int, rows: int, parallel: int) -> dict[str, Any]:
     """The W2 figures: a rebuild of every target of ``clients`` clients and its COPY time."""
-    settings = _bench_settings(settings)
     sizes = rebuild_sizes(clients, rows)
-    first = BENCH_CLIENT_BASE + 1_000_000_000
     targets = [
-        Target(dataset, first + index) for dataset in sorted(DATASETS) for index in range(clients)
+        Target(dataset, REBUILD_FIRST_CLIENT + index)
+        for dataset in sorted(DATASETS)
+        for index in range(clients)
     ]
+    settings = _prepare(
+        settings, {target: sizes[target.client_id - REBUILD_FIRST_CLIENT] for target in targets}
+    )
     with psycopg.connect(settings.postgres.dsn.get_secret_value(), autocommit=True) as conn:
-        seeded = [seed_target(conn, t, sizes[t.client_id - first]) for t in targets]
-        if any(seeded):
-            for dataset in DATASETS:
-                conn.execute(sql.SQL("VACUUM ANALYZE {}").format(sql.Identifier(dataset)))
         copy_rows, copy_seconds = copy_rows_per_s(conn, targets)
     run = _bootstrap(settings, targets, parallel)
     return {
         "workload": "W2 rebuild",
+        "database": _database_name(settings),
         "targets": len(targets),
-        "rows": run["rows"],
+        "rows": run.pop("rows"),
+        "largest_target_rows": max(sizes),
+        "smallest_target_rows": min(sizes),
         "seconds": round(run["seconds"], 2),
         "copy_seconds": round(copy_seconds, 2),
         "copy_rows": copy_rows,
-        "vs_copy": round(copy_seconds / run["seconds"], 3),
-        "peak_rss_mb": run["peak_rss_mb"],
-        "peak_rss_sum_mb": run["peak_rss_sum_mb"],
+        "vs_copy": round(copy_seconds / run.pop("seconds"), 3),
+        **run,
         "parallel": parallel,
     }

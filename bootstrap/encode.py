@@ -1,49 +1,307 @@
 """The bootstrap's fast path from database rows to segments.
 
-Rows arrive in the *encoder* shape of :mod:`bootstrap.source` (dates, timestamps and
-numerics already turned into the integers Avro stores), so no ``date``, ``datetime`` or
-``Decimal`` is ever built. The output is the same segment format as
-:func:`snapshots.segments.encode_segment`: an Avro object container with the dataset's
-schema, ``block_rows`` rows per block, and the first key of every block recorded; it is
-written by the snapshot core's own encoder, which accepts these integers as the values of
-the logical types.
+Rows arrive in the *encoder* shape of :mod:`bootstrap.source`: dates and timestamps as
+PostgreSQL's binary integers, numerics as text at their fixed scale, so no ``date``,
+``datetime`` or ``Decimal`` is ever built; shifting an epoch and dropping a decimal point
+is all the conversion there is.
+
+Each dataset gets a block encoder compiled from its columns (:func:`compile_block_encoder`):
+one loop over the rows with the Avro encoding of every column written out inline, zig-zag
+varints taken 14 bits at a time from two lookup tables. It does what fastavro's generic
+writer does at about a third of its cost per row, since it knows the schema when it is
+built rather than interpreting it for every value.
+
+The output is the snapshot core's segment format, byte for byte: blocks of ``block_rows``
+rows compressed by the same codec calls, framed as Avro object container blocks, and
+assembled by :func:`snapshots.segments.segment_from_blocks` (the same header, block list
+and checksums as :func:`snapshots.segments.encode_segment`). A test compares the two.
 """
 
 from __future__ import annotations
 
+import functools
+import itertools
+import os
+import re
+import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
-from schemas.datasets import Dataset
-from snapshots import segments
-from snapshots.segments import EncodedSegment
+from bootstrap.source import PG_EPOCH_DAYS, PG_EPOCH_MICROS
+from schemas.datasets import Column, Dataset
+from snapshots import _container
+from snapshots.checksums import row_hash
+from snapshots.segments import EncodedSegment, SegmentBlock, segment_from_blocks
 
 Row = Sequence[Any]
 
+# PostgreSQL's binary forms of -infinity and infinity.
+_INFINITE_DATES = (-(2**31), 2**31 - 1)
+_INFINITE_TIMESTAMPS = (-(2**63), 2**63 - 1)
 
-def _unscaled_bytes(value: int | str) -> bytes:
-    """A decimal's unscaled integer as Avro stores it: big-endian two's complement."""
-    number = int(value)
-    return number.to_bytes(number.bit_length() // 8 + 1, "big", signed=True)
+_GROUP = 1 << 14
+_GROUP_MASK = _GROUP - 1
 
 
-def record_builder(dataset: Dataset) -> Callable[[Row], dict[str, Any]]:
-    """A function turning one encoder-shape row into the record fastavro writes."""
-    names = dataset.column_names
-    decimals = [
-        (index, name)
-        for index, name in enumerate(names)
-        if dataset.column(name).numeric_scale is not None
+def _varint(value: int) -> bytes:
+    """An unsigned varint: 7 bits per byte, least significant group first."""
+    out = bytearray()
+    while value >= 0x80:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+# _LAST[z]: the varint of z < 2^14. _MORE[g]: a 14-bit group followed by more groups, so
+# both of its bytes carry the continuation bit.
+_LAST = [_varint(z) for z in range(_GROUP)]
+_MORE = [bytes(((g & 0x7F) | 0x80, (g >> 7) | 0x80)) for g in range(_GROUP)]
+
+
+def encode_long(value: int) -> bytes:
+    """An Avro ``int`` or ``long``: zig-zag, then varint."""
+    z = (value << 1) ^ (value >> 63)
+    if z < _GROUP:
+        return _LAST[z]
+    if z < 1 << 28:
+        return _MORE[z & _GROUP_MASK] + _LAST[z >> 14]
+    if z < 1 << 42:
+        return _MORE[z & _GROUP_MASK] + _MORE[(z >> 14) & _GROUP_MASK] + _LAST[z >> 28]
+    if z < 1 << 56:
+        return (
+            _MORE[z & _GROUP_MASK]
+            + _MORE[(z >> 14) & _GROUP_MASK]
+            + _MORE[(z >> 28) & _GROUP_MASK]
+            + _LAST[z >> 42]
+        )
+    if not -(1 << 63) <= value < 1 << 63:
+        raise ValueError(f"{value} does not fit an Avro long")
+    return _varint(z)
+
+
+# The block encoder of a dataset is compiled from these snippets, one per column (``v`` is
+# the column's value): a call per value would cost as much as the encoding itself. A long
+# is zig-zagged and appended as its 14-bit groups, one table lookup per group.
+_VARINT = [
+    "if z < 16384:",
+    "    append(_LAST[z])",
+    "elif z < 268435456:",
+    "    append(_MORE[z & 16383])",
+    "    append(_LAST[z >> 14])",
+    "elif z < 4398046511104:",
+    "    append(_MORE[z & 16383])",
+    "    append(_MORE[(z >> 14) & 16383])",
+    "    append(_LAST[z >> 28])",
+    "elif z < 72057594037927936:",
+    "    append(_MORE[z & 16383])",
+    "    append(_MORE[(z >> 14) & 16383])",
+    "    append(_MORE[(z >> 28) & 16383])",
+    "    append(_LAST[z >> 42])",
+    "else:",
+    "    append(encode_long(w))",
+]
+_LONG = ["w = v", "z = (w << 1) ^ (w >> 63)", *_VARINT]
+_SNIPPETS = {
+    "long": _LONG,
+    "date": [
+        "if v in _INFINITE_DATES:",
+        "    raise ValueError('an infinite date has no Avro date')",
+        f"w = v + {PG_EPOCH_DAYS}",
+        "z = (w << 1) ^ (w >> 63)",
+        *_VARINT,
+    ],
+    "timestamptz": [
+        "if v in _INFINITE_TIMESTAMPS:",
+        "    raise ValueError('an infinite timestamp has no Avro timestamp-micros')",
+        f"w = v + {PG_EPOCH_MICROS}",
+        "z = (w << 1) ^ (w >> 63)",
+        *_VARINT,
+    ],
+    "text": [
+        "b = v.encode()",
+        "n = len(b)",
+        "append(_LAST[n << 1] if n < 8192 else encode_long(n))",
+        "append(b)",
+    ],
+    "boolean": ['append(b"\\x01" if v else b"\\x00")'],
+    # A numeric's text at its column's fixed scale, without the point, is the unscaled
+    # integer; see _encode_unscaled.
+    "numeric": [
+        "n = int(v.replace('.', ''))",
+        "b = n.to_bytes((abs(n).bit_length() + 8) >> 3, 'big', signed=True)",
+        "append(_LAST[len(b) << 1])",
+        "append(b)",
+    ],
+}
+
+
+def _snippet(column: Column) -> list[str]:
+    if column.numeric_scale is not None:
+        kind = "numeric"
+    elif column.pg_type in ("bigint", "integer"):
+        kind = "long"
+    elif column.pg_type == "jsonb":
+        kind = "text"
+    elif column.pg_type in _SNIPPETS:
+        kind = column.pg_type
+    else:
+        raise ValueError(f"column {column.name} has a type the bootstrap cannot encode")
+    return _SNIPPETS[kind]
+
+
+BlockEncoder = Callable[[Sequence[Row], Callable[[bytes], None], Any, bytes], tuple[Any, int]]
+
+
+def compile_block_encoder(dataset: Dataset) -> BlockEncoder:
+    """``encode(rows, append, after) -> (last key, checksum)`` for ``dataset``.
+
+    Appends the Avro binary of every row to ``append``; checks that keys ascend from
+    ``after``; sums the row hashes (:func:`snapshots.checksums.row_hash`). The client
+    column is not encoded from the row: its bytes come as ``client`` (the encoder's caller
+    reads one client only).
+    """
+    names = [f"v{index}" for index in range(len(dataset.columns))]
+    key = names[dataset.column_names.index(dataset.key_column)]
+    version = names[dataset.column_names.index(dataset.version_column)]
+    lines = [
+        "def encode_block(rows, append, after, client):",
+        "    checksum = 0",
+        # Below any bigint: the first key then needs no test of its own.
+        "    previous = -(2**64) if after is None else after",
+        f"    for {', '.join(names)}, in rows:",
+        f"        if {key} <= previous:",
+        f"            raise ValueError(f'rows are not in ascending key order at key {{{key}}}')",
+        f"        previous = {key}",
     ]
+    for name, column in zip(names, dataset.columns, strict=True):
+        if column.name == dataset.client_column:
+            lines.append("        append(client)")
+            continue
+        body = [_rename(line, name) for line in _snippet(column)]
+        if column.nullable:
+            lines.append(f"        if {name} is None:")
+            lines.append('            append(b"\\x00")')
+            lines.append("        else:")
+            lines.append('            append(b"\\x02")')
+            lines += ["            " + line for line in body]
+        else:
+            lines += ["        " + line for line in body]
+    lines += [
+        f"        checksum += row_hash({key}, {version})",
+        "    return previous, checksum",
+    ]
+    namespace: dict[str, Any] = {
+        "_LAST": _LAST,
+        "_MORE": _MORE,
+        "encode_long": encode_long,
+        "_INFINITE_DATES": _INFINITE_DATES,
+        "_INFINITE_TIMESTAMPS": _INFINITE_TIMESTAMPS,
+        "row_hash": row_hash,
+    }
+    exec(compile("\n".join(lines), f"<block encoder of {dataset.name}>", "exec"), namespace)
+    encoder: BlockEncoder = namespace["encode_block"]
+    return encoder
 
-    def build(row: Row) -> dict[str, Any]:
-        record = dict(zip(names, row, strict=True))
-        for index, name in decimals:
-            if row[index] is not None:
-                record[name] = _unscaled_bytes(row[index])
-        return record
 
-    return build
+def _rename(line: str, name: str) -> str:
+    # The snippets name their value ``v`` and use no other word starting with it.
+    return re.sub(r"\bv\b", name, line)
+
+
+def _compressor(codec: str) -> Callable[[bytes], bytes]:
+    """The block compression of ``codec``, called as fastavro's writer calls it."""
+    if codec == "null":
+        return bytes
+    if codec == "deflate":
+        # Raw deflate: zlib's two header bytes and its checksum trailer are cut off.
+        return lambda data: zlib.compress(data)[2:-1]
+    if codec == "zstandard":
+        try:
+            from compression import zstd
+        except ImportError:
+            from backports import zstd
+        compress: Callable[[bytes], bytes] = zstd.compress
+        return compress
+    raise ValueError(f"codec {codec!r} is not supported by the bootstrap encoder")
+
+
+_block_encoder = functools.cache(compile_block_encoder)
+
+
+class SegmentEncoder:
+    """Encodes the encoder-shape rows of one target into segments.
+
+    ``client_id`` is the client every row belongs to: the query reads that client only, so
+    the column is not read back; its encoded value is written into every record.
+    """
+
+    def __init__(
+        self, dataset: Dataset, *, client_id: int, codec: str, block_rows: int, max_rows: int
+    ) -> None:
+        self.dataset = dataset
+        self.client_id = client_id
+        self.codec = codec
+        self.block_rows = max(1, min(block_rows, max_rows))
+        self.max_rows = max_rows
+        self._compress = _compressor(codec)
+        names = dataset.column_names
+        self._key_index = names.index(dataset.key_column)
+        self._client_bytes = encode_long(client_id)
+        self._encode_rows = _block_encoder(dataset)
+
+    def _encode_block(self, rows: Sequence[Row], sync: bytes, after: Any) -> SegmentBlock:
+        """One container block: its rows encoded, compressed and framed.
+
+        ``after`` is the key before the first row (None at the start), to check the order.
+        """
+        pieces: list[bytes] = []
+        try:
+            last, checksum = self._encode_rows(rows, pieces.append, after, self._client_bytes)
+        except (ValueError, TypeError, AttributeError) as error:
+            raise ValueError(f"a row of {self.dataset.name} cannot be encoded: {error}") from None
+        data = self._compress(b"".join(pieces))
+        raw = b"".join((encode_long(len(rows)), encode_long(len(data)), data, sync))
+        first = rows[0][self._key_index]
+        return SegmentBlock(raw, first, last, len(rows), checksum)
+
+    def segments(self, batches: Iterable[Sequence[Row]]) -> Iterator[EncodedSegment]:
+        """Cut batches of rows (ascending keys) into segments of at most ``max_rows``, lazily.
+
+        Memory holds one batch of rows and one segment's compressed blocks.
+        """
+        blocks: list[SegmentBlock] = []
+        in_segment = 0
+        sync = os.urandom(_container.SYNC_SIZE)
+        last_key = None
+        carry: list[Row] = []
+        for batch in batches:
+            rows = carry + list(batch) if carry else batch
+            start = 0
+            while True:
+                # A block ends at block_rows rows or at the end of its segment.
+                size = min(self.block_rows, self.max_rows - in_segment)
+                if len(rows) - start < size:
+                    carry = list(rows[start:])
+                    break
+                block = self._encode_block(rows[start : start + size], sync, last_key)
+                blocks.append(block)
+                last_key = block.last_key
+                start += size
+                in_segment += size
+                if in_segment == self.max_rows:
+                    yield self._segment(blocks, sync)
+                    blocks, in_segment = [], 0
+                    sync = os.urandom(_container.SYNC_SIZE)
+        if carry:
+            blocks.append(self._encode_block(carry, sync, last_key))
+        if blocks:
+            yield self._segment(blocks, sync)
+
+    def _segment(self, blocks: list[SegmentBlock], sync: bytes) -> EncodedSegment:
+        return segment_from_blocks(
+            self.dataset, blocks, codec=self.codec, sync=sync, client_id=self.client_id
+        )
 
 
 def encode_segments(
@@ -55,19 +313,10 @@ def encode_segments(
     block_rows: int,
     max_rows: int,
 ) -> Iterator[EncodedSegment]:
-    """Cut encoder-shape rows (ascending keys) into segments of at most ``max_rows``, lazily.
-
-    The snapshot core writes the container, so the format cannot drift from the one the
-    consumer rewrites; only the values it is handed are cheaper. One segment is held in
-    memory at a time.
-    """
-    build = record_builder(dataset)
-    records = (build(row) for row in rows)
-    return segments.encode_segments(
-        dataset,
-        records,
-        codec=codec,
-        block_rows=block_rows,
-        max_rows=max_rows,
-        client_id=client_id,
+    """Cut encoder-shape rows (ascending keys) into segments of at most ``max_rows``, lazily."""
+    encoder = SegmentEncoder(
+        dataset, client_id=client_id, codec=codec, block_rows=block_rows, max_rows=max_rows
     )
+    iterator = iter(rows)
+    batches = iter(lambda: list(itertools.islice(iterator, encoder.block_rows)), [])
+    return encoder.segments(batches)

@@ -5,35 +5,47 @@ the source position the stream hands off from. Rows stream from a server-side cu
 the segment encoder and the uploads, so memory holds one batch and the segments in flight,
 never the target.
 
-Many targets run on a pool of long-lived worker processes, each with its own connection
-and S3 client, so small targets pay no start-up cost. A large target is cut into key ranges
-read by several workers that import one exported database snapshot; the coordinator keeps
-the exporting transaction open until every range is read, then publishes the contiguous
-manifest with a compare-and-set (expected version: none, or the current one with force).
+Many targets run on a few long-lived worker processes (:mod:`bootstrap.worker`), each with
+its own connection, so small targets pay no start-up cost. Workers read and encode; this
+process, the coordinator, uploads their segments as they arrive and publishes. A large
+target is cut into key ranges read by several workers that import one exported database
+snapshot; the coordinator keeps the exporting transaction open until every range is read,
+then publishes the contiguous manifest with a compare-and-set (expected version: none, or
+the current one with force).
 """
 
 from __future__ import annotations
 
-import itertools
+import ctypes
 import logging
 import math
-import multiprocessing
+import os
+import pickle
+import queue
+import subprocess
+import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor, as_completed
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
-from typing import Any
+from typing import IO, Any
 
 import psycopg
 
-from bootstrap import encode, source
+from bootstrap import source
+from bootstrap.worker import RangeTask, describe, range_segments
 from schemas.datasets import Target, get_dataset
+from snapshots import keys as object_keys
+from snapshots.checksums import format_checksum
+from snapshots.faults import crash_point
 from snapshots.manifest import SegmentEntry, SourcePosition
 from snapshots.publish import SnapshotWriter
 from snapshots.registry import VersionRegistry
+from snapshots.segments import EncodedSegment
 from snapshots.store import ObjectStore
 from storage_builder.errors import StorageBuilderError
-from storage_builder.settings import Settings
+from storage_builder.settings import Settings, SnapshotSettings
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +55,12 @@ FAILED = "failed"
 
 # A target above this many rows is read by several workers in key ranges of about this size.
 SPLIT_ROWS = 250_000
+
+# The coordinator's segment uploads: threads, and segments held in memory at most (across
+# every worker) while they upload. Enough to keep S3 busy while the workers encode; a
+# worker whose segment finds no slot waits, blocked on its pipe.
+UPLOAD_THREADS = 3
+UPLOADS_IN_FLIGHT = 4
 
 
 @dataclass
@@ -95,6 +113,36 @@ def _expected_version(writer: SnapshotWriter, target: Target, force: bool) -> in
     return state.version if force else SKIPPED
 
 
+def _range_task(
+    snapshot: SnapshotSettings,
+    target: Target,
+    lo: int | None = None,
+    hi: int | None = None,
+    import_id: str | None = None,
+) -> RangeTask:
+    return RangeTask(
+        target=target,
+        lo=lo,
+        hi=hi,
+        import_id=import_id,
+        codec=snapshot.codec,
+        block_rows=snapshot.block_rows,
+        max_rows=snapshot.segment_max_rows,
+    )
+
+
+def _counting(
+    segments: Iterator[EncodedSegment],
+    counted: dict[str, int],
+    on_rows: Callable[[int], None] | None,
+) -> Iterator[EncodedSegment]:
+    for segment in segments:
+        counted["rows"] += segment.rows
+        if on_rows is not None:
+            on_rows(segment.rows)
+        yield segment
+
+
 def read_range(
     conn: psycopg.Connection,
     writer: SnapshotWriter,
@@ -105,41 +153,24 @@ def read_range(
     import_id: str | None = None,
     on_rows: Callable[[int], None] | None = None,
 ) -> _RangeResult:
-    """Read ``[lo, hi)`` of a target in one snapshot transaction; encode and upload it."""
-    dataset = get_dataset(target.dataset)
-    settings = writer.snapshot
+    """Read ``[lo, hi)`` of a target in this process, in one snapshot transaction; encode
+    and upload it."""
+    task = _range_task(writer.snapshot, target, lo, hi, import_id)
     counted = {"rows": 0}
-
-    def counting(segments: Iterator[Any]) -> Iterator[Any]:
-        for segment in segments:
-            counted["rows"] += segment.rows
-            if on_rows is not None:
-                on_rows(segment.rows)
-            yield segment
-
-    with source.snapshot_transaction(conn, import_id=import_id) as snapshot:
-        rows = source.stream_rows(conn, target, lo=lo, hi=hi)
-        segments = encode.encode_segments(
-            dataset,
-            rows,
-            client_id=target.client_id,
-            codec=settings.codec,
-            block_rows=settings.block_rows,
-            max_rows=settings.segment_max_rows,
-        )
-        first = next(segments, None)
-        # Bounds are set when the ranges are joined (see contiguous); a range with no rows
-        # has no segment (an empty target publishes a manifest without segments).
-        entries = (
-            []
-            if first is None
-            else writer.upload_segments(target, counting(itertools.chain([first], segments)))
-        )
+    uploads = _Uploads(writer)
+    try:
+        with range_segments(conn, task) as (pg_snapshot, segments):
+            # Bounds are set when the ranges are joined (see contiguous); a range with no
+            # rows has no segment (an empty target publishes a manifest without segments).
+            entries = uploads.upload(target, _counting(segments, counted, on_rows))
+    finally:
+        uploads.close()
+    crash_point("after_segments")
     return _RangeResult(
         segments=entries,
         rows=counted["rows"],
         bytes=sum(entry.bytes for entry in entries),
-        pg_snapshot=snapshot.pg_snapshot,
+        pg_snapshot=pg_snapshot,
     )
 
 
@@ -204,121 +235,148 @@ def bootstrap_target(
     )
 
 
-# Worker processes: one connection and one writer each, kept for the life of the pool.
+# The worker processes and the coordinator.
 
 
-class _WorkerState:
-    def __init__(self, settings: Settings, progress: Any) -> None:
-        self.settings = settings
-        self.progress = progress
-        self.writer = open_writer(settings)
-        self._conn: psycopg.Connection | None = None
-
-    @property
-    def conn(self) -> psycopg.Connection:
-        if self._conn is None or self._conn.closed:
-            self._conn = source.connect(self.settings.postgres.dsn.get_secret_value())
-        return self._conn
-
-    def report(self, rows: int) -> None:
-        if self.progress is not None:
-            self.progress.put(rows)
+class WorkerFailed(StorageBuilderError):
+    """A worker process could not read a range: it failed or died."""
 
 
-_worker: _WorkerState | None = None
+# glibc's malloc raises its mmap threshold after the first large buffer is freed, and then
+# keeps the freed segment buffers of every thread's arena instead of returning them: a
+# fixed threshold returns each segment's memory as soon as it is uploaded.
+_MMAP_THRESHOLD = 256 * 1024
+_M_MMAP_THRESHOLD = -3
 
 
-# Segments in flight per worker are twice its upload threads; a few keep S3 busy while
-# bounding memory, since every worker uploads at once.
-WORKER_UPLOAD_THREADS = 3
-
-
-def _init_worker(settings: Settings, progress: Any) -> None:
-    global _worker
-    threads = min(settings.s3.upload_threads, WORKER_UPLOAD_THREADS)
-    s3 = settings.s3.model_copy(update={"upload_threads": threads})
-    _worker = _WorkerState(settings.model_copy(update={"s3": s3}), progress)
-
-
-def _state() -> _WorkerState:
-    assert _worker is not None, "bootstrap worker used before its initializer ran"
-    return _worker
-
-
-def _describe(error: BaseException) -> str:
-    return f"{type(error).__name__}: {error}"
-
-
-def _target_task(target: Target, expected: int | None) -> BootstrapResult:
-    """A whole target in one worker; failures come back as data (they must pickle)."""
-    state = _state()
-    started = time.monotonic()
+def _return_large_buffers() -> None:
+    """Fix this process's malloc mmap threshold (glibc only; elsewhere nothing changes)."""
     try:
-        result = read_range(state.conn, state.writer, target, on_rows=state.report)
-        manifest = state.writer.publish(
-            target,
-            expected,
-            contiguous([result.segments]),
-            SourcePosition(pg_snapshot=result.pg_snapshot),
+        libc = ctypes.CDLL(None)
+        libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)
+    except (OSError, AttributeError):
+        log.debug("mallopt is not available; malloc keeps its defaults")
+
+
+def _worker_environment() -> dict[str, str]:
+    # The same for the workers, through glibc's environment tunables, and few arenas.
+    return {
+        **os.environ,
+        "MALLOC_MMAP_THRESHOLD_": str(_MMAP_THRESHOLD),
+        "MALLOC_ARENA_MAX": "2",
+    }
+
+
+class _Worker:
+    """One worker process (see :mod:`bootstrap.worker`), running one task at a time."""
+
+    def __init__(self, dsn: str) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "bootstrap.worker"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env=_worker_environment(),
         )
-    except (StorageBuilderError, psycopg.Error, ValueError, OSError) as error:
-        _reset_after(state, error)
-        return BootstrapResult(target, FAILED, error=_describe(error))
-    return BootstrapResult(
-        target,
-        BOOTSTRAPPED,
-        rows=result.rows,
-        bytes=result.bytes,
-        seconds=time.monotonic() - started,
-        version=manifest.version,
+        assert self.process.stdin is not None and self.process.stdout is not None
+        self._inbox: IO[bytes] = self.process.stdin
+        self._outbox: IO[bytes] = self.process.stdout
+        self._send(("hello", dsn))
+
+    def _send(self, message: Any) -> None:
+        pickle.dump(message, self._inbox, protocol=pickle.HIGHEST_PROTOCOL)
+        self._inbox.flush()
+
+    def _receive(self) -> tuple[Any, ...]:
+        try:
+            message: tuple[Any, ...] = pickle.load(self._outbox)
+        except (EOFError, pickle.UnpicklingError) as error:
+            code = self.process.poll()
+            raise WorkerFailed(f"bootstrap worker died (exit code {code}): {error!r}") from None
+        return message
+
+    def run(self, task: RangeTask, result: dict[str, Any]) -> Iterator[EncodedSegment]:
+        """The segments of ``task`` as the worker sends them; then ``result`` holds its rows
+        and pg_snapshot. A failure of the task raises WorkerFailed once its segments end."""
+        self._send(task)
+        while True:
+            message = self._receive()
+            if message[0] == "segment":
+                yield message[1]
+            elif message[0] == "done":
+                result["rows"], result["pg_snapshot"] = message[1], message[2]
+                return
+            else:
+                raise WorkerFailed(message[1])
+
+    def stop(self) -> None:
+        try:
+            self._send(None)
+            self._inbox.close()
+        except OSError:
+            pass  # it is gone already
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            log.warning("bootstrap worker %d did not stop; killed", self.process.pid)
+            self.process.kill()
+            self.process.wait()
+
+
+class _Uploads:
+    """The coordinator's segment uploads, for every worker, with a bound on memory.
+
+    Unlike :meth:`SnapshotWriter.upload_segments`, a segment's bytes are released as soon
+    as it is written, and the bound holds across all the targets being read at once.
+    """
+
+    def __init__(self, writer: SnapshotWriter) -> None:
+        self.store = writer.store
+        self.root = writer.root
+        self._pool = ThreadPoolExecutor(UPLOAD_THREADS, thread_name_prefix="segment-upload")
+        self._slots = threading.BoundedSemaphore(UPLOADS_IN_FLIGHT)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+    def _put(self, key: str, data: bytes) -> None:
+        try:
+            self.store.put(key, data)
+        finally:
+            self._slots.release()
+
+    def upload(self, target: Target, segments: Iterator[EncodedSegment]) -> list[SegmentEntry]:
+        """Upload segments as they come; their manifest entries, in order (bounds unset:
+        see :func:`contiguous`). The first failed upload stops the reading."""
+        pending: list[tuple[SegmentEntry, Future[None]]] = []
+        for segment in segments:
+            self._slots.acquire()
+            key = object_keys.segment_key(self.root, target)
+            pending.append((_entry(key, segment), self._pool.submit(self._put, key, segment.data)))
+            del segment
+            failed = next((f for _, f in pending if f.done() and f.exception()), None)
+            if failed is not None:
+                failed.result()
+        for _, future in pending:
+            future.result()
+        return [entry for entry, _ in pending]
+
+
+def _entry(key: str, segment: EncodedSegment) -> SegmentEntry:
+    return SegmentEntry(
+        key=key,
+        lo=None,
+        hi=None,
+        min_key=segment.min_key,
+        max_key=segment.max_key,
+        rows=segment.rows,
+        bytes=len(segment.data),
+        checksum=format_checksum(segment.checksum),
+        block_keys=segment.block_keys,
     )
 
 
-def _range_task(
-    target: Target, lo: int | None, hi: int | None, import_id: str | None
-) -> _RangeResult | str:
-    """One key range of a large target, in the coordinator's exported snapshot."""
-    state = _state()
-    try:
-        return read_range(
-            state.conn,
-            state.writer,
-            target,
-            lo=lo,
-            hi=hi,
-            import_id=import_id,
-            on_rows=state.report,
-        )
-    except (StorageBuilderError, psycopg.Error, ValueError, OSError) as error:
-        _reset_after(state, error)
-        return _describe(error)
-
-
-def _publish_task(
-    target: Target, expected: int | None, segments: list[SegmentEntry], pg_snapshot: str
-) -> int | str:
-    state = _state()
-    try:
-        manifest = state.writer.publish(
-            target, expected, segments, SourcePosition(pg_snapshot=pg_snapshot)
-        )
-    except (StorageBuilderError, ValueError, OSError) as error:
-        return _describe(error)
-    return manifest.version
-
-
-def _reset_after(state: _WorkerState, error: BaseException) -> None:
-    if isinstance(error, psycopg.Error) and state._conn is not None:
-        # A broken connection is replaced on the next task rather than reused.
-        state._conn.close()
-    log.warning("bootstrap task failed: %s", _describe(error))
-
-
-# The coordinator.
-
-
 class Coordinator:
-    """Runs the bootstrap of many targets on a pool of ``parallel`` worker processes."""
+    """Runs the bootstrap of many targets on ``parallel`` worker processes."""
 
     def __init__(
         self,
@@ -335,18 +393,17 @@ class Coordinator:
         self.on_rows = on_rows
         self.on_result = on_result
         self.registry = VersionRegistry(settings.redis)
-        # forkserver, not fork: the coordinator runs threads, and a fork copies their locks.
-        # The server preloads this module, so workers start fast and share its pages.
-        self._context = multiprocessing.get_context("forkserver")
-        self._context.set_forkserver_preload([__name__])
-        self._progress = self._context.SimpleQueue()
+        self._dsn = settings.postgres.dsn.get_secret_value()
+        self._idle: queue.Queue[_Worker] = queue.Queue()
+        self._uploads: _Uploads | None = None
+        self._progress = threading.Lock()
 
     def plan(self, targets: Sequence[Target]) -> tuple[list[_Plan], list[BootstrapResult]]:
         """Which targets to build (biggest first) and which to skip; checks Redis first, so
         an unreachable Redis fails the command before anything is written."""
         self.registry.ping()
         states = self.registry.get_many(targets)
-        with source.connect(self.settings.postgres.dsn.get_secret_value()) as conn:
+        with source.connect(self._dsn) as conn:
             counts = _row_counts(conn, targets)
         plans, skipped = [], []
         for target in targets:
@@ -360,73 +417,127 @@ class Coordinator:
         plans.sort(key=lambda plan: -plan.rows)
         return plans, skipped
 
-    def run(self, plans: Sequence[_Plan]) -> list[BootstrapResult]:
+    def run(
+        self, plans: Sequence[_Plan], writer: SnapshotWriter | None = None
+    ) -> list[BootstrapResult]:
         """Bootstrap the planned targets; every one ends as bootstrapped or failed."""
+        if not plans:
+            return []
+        _return_large_buffers()
+        own_writer = writer is None
+        writer = writer or open_writer(self.settings)
+        self._uploads = _Uploads(writer)
+        workers = [_Worker(self._dsn) for _ in range(min(self.parallel, _ranges(plans)))]
+        for worker in workers:
+            self._idle.put(worker)
         results: list[BootstrapResult] = []
-        with (
-            ProcessPoolExecutor(
-                self.parallel,
-                mp_context=self._context,
-                initializer=_init_worker,
-                initargs=(self.settings, self._progress),
-            ) as pool,
-            ThreadPoolExecutor(2 * self.parallel) as drivers,
-        ):
-            stop = _drain_progress(self._progress, self.on_rows)
-            futures = [drivers.submit(self._drive, pool, plan) for plan in plans]
-            for future in as_completed(futures):
-                result = future.result()
-                results.append(result)
-                if self.on_result is not None:
-                    self.on_result(result)
-            stop()
+        try:
+            # Targets outnumber workers two to one, so a worker never waits for a publish.
+            with ThreadPoolExecutor(2 * len(workers), thread_name_prefix="bootstrap") as pool:
+                futures = [pool.submit(self._drive, writer, plan) for plan in plans]
+                for future in as_completed(futures):
+                    result = future.result()
+                    results.append(result)
+                    if self.on_result is not None:
+                        self.on_result(result)
+        finally:
+            for worker in workers:
+                worker.stop()
+            self._uploads.close()
+            if own_writer:
+                writer.close()
         return results
 
-    def _drive(self, pool: ProcessPoolExecutor, plan: _Plan) -> BootstrapResult:
+    def _report(self, rows: int) -> None:
+        if self.on_rows is not None:
+            with self._progress:
+                self.on_rows(rows)
+
+    def _read(self, writer: SnapshotWriter, task: RangeTask) -> _RangeResult:
+        """One range on an idle worker, its segments uploaded as they come."""
+        worker = self._idle.get()
+        try:
+            result: dict[str, Any] = {}
+            counted = {"rows": 0}
+            segments = _counting(worker.run(task, result), counted, self._report)
+            assert self._uploads is not None, "uploads are set up by run()"
+            entries = self._uploads.upload(task.target, segments)
+        except WorkerFailed:
+            # A task that failed leaves its worker ready for the next; a dead one is replaced.
+            self._idle.put(worker if worker.process.poll() is None else _Worker(self._dsn))
+            raise
+        except BaseException:
+            # An upload failed mid-task: the worker still has segments to send, so it
+            # cannot take another task; a fresh one replaces it.
+            worker.process.kill()
+            worker.process.wait()
+            self._idle.put(_Worker(self._dsn))
+            raise
+        self._idle.put(worker)
+        return _RangeResult(
+            segments=entries,
+            rows=result["rows"],
+            bytes=sum(entry.bytes for entry in entries),
+            pg_snapshot=result["pg_snapshot"],
+        )
+
+    def _drive(self, writer: SnapshotWriter, plan: _Plan) -> BootstrapResult:
         started = time.monotonic()
         try:
-            if plan.parts <= 1:
-                result = pool.submit(_target_task, plan.target, plan.expected).result()
-            else:
-                result = self._split(pool, plan)
-        except Exception as error:  # a crashed worker must not hide the other targets
-            log.warning("bootstrap of %s failed: %s", plan.target, _describe(error))
-            result = BootstrapResult(plan.target, FAILED, error=_describe(error))
+            result = self._bootstrap(writer, plan)
+        except (StorageBuilderError, psycopg.Error, ValueError, OSError) as error:
+            result = BootstrapResult(plan.target, FAILED, error=describe(error))
+        except Exception as error:  # one target's surprise must not hide the other targets
+            log.exception("bootstrap of %s failed unexpectedly", plan.target)
+            result = BootstrapResult(plan.target, FAILED, error=describe(error))
         result.seconds = time.monotonic() - started
         if result.outcome == FAILED:
             log.warning("bootstrap of %s failed: %s", plan.target, result.error)
         return result
 
-    def _split(self, pool: ProcessPoolExecutor, plan: _Plan) -> BootstrapResult:
-        """A large target: ranges read by several workers in one exported snapshot."""
-        target = plan.target
-        dsn = self.settings.postgres.dsn.get_secret_value()
-        with source.connect(dsn) as conn, source.snapshot_transaction(conn, export=True) as snap:
-            points = source.split_points(conn, target, plan.parts)
-            bounds: list[int | None] = [None, *points, None]
-            futures: list[Future[Any]] = [
-                pool.submit(_range_task, target, lo, hi, snap.exported_id)
-                for lo, hi in zip(bounds, bounds[1:], strict=False)
-            ]
-            # The exporting transaction stays open until every range has been read.
-            parts = [future.result() for future in futures]
-        errors = [part for part in parts if isinstance(part, str)]
-        if errors:
-            return BootstrapResult(target, FAILED, error=errors[0])
-        ranges = [part for part in parts if isinstance(part, _RangeResult)]
-        segments = contiguous([part.segments for part in ranges])
-        version = pool.submit(
-            _publish_task, target, plan.expected, segments, snap.pg_snapshot
-        ).result()
-        if isinstance(version, str):
-            return BootstrapResult(target, FAILED, error=version)
+    def _bootstrap(self, writer: SnapshotWriter, plan: _Plan) -> BootstrapResult:
+        snapshot = self.settings.snapshot
+        if plan.parts <= 1:
+            ranges = [self._read(writer, _range_task(snapshot, plan.target))]
+            pg_snapshot = ranges[0].pg_snapshot
+        else:
+            ranges, pg_snapshot = self._split(writer, plan)
+        crash_point("after_segments")
+        manifest = writer.publish(
+            plan.target,
+            plan.expected,
+            contiguous([part.segments for part in ranges]),
+            SourcePosition(pg_snapshot=pg_snapshot),
+        )
         return BootstrapResult(
-            target,
+            plan.target,
             BOOTSTRAPPED,
             rows=sum(part.rows for part in ranges),
             bytes=sum(part.bytes for part in ranges),
-            version=version,
+            version=manifest.version,
         )
+
+    def _split(self, writer: SnapshotWriter, plan: _Plan) -> tuple[list[_RangeResult], str]:
+        """A large target: ranges read by several workers in one exported snapshot."""
+        target = plan.target
+        with (
+            source.connect(self._dsn) as conn,
+            source.snapshot_transaction(conn, export=True) as snap,
+        ):
+            points = source.split_points(conn, target, plan.parts)
+            bounds: list[int | None] = [None, *points, None]
+            tasks = [
+                _range_task(self.settings.snapshot, target, lo, hi, snap.exported_id)
+                for lo, hi in zip(bounds, bounds[1:], strict=False)
+            ]
+            # The exporting transaction stays open until every range has been read.
+            with ThreadPoolExecutor(len(tasks), thread_name_prefix="bootstrap-range") as pool:
+                ranges = list(pool.map(lambda task: self._read(writer, task), tasks))
+        return ranges, snap.pg_snapshot
+
+
+def _ranges(plans: Sequence[_Plan]) -> int:
+    return sum(plan.parts for plan in plans)
 
 
 def _row_counts(conn: psycopg.Connection, targets: Sequence[Target]) -> dict[Target, int]:
@@ -440,28 +551,6 @@ def _row_counts(conn: psycopg.Connection, targets: Sequence[Target]) -> dict[Tar
     return counts
 
 
-def _drain_progress(queue: Any, on_rows: Callable[[int], None] | None) -> Callable[[], None]:
-    """Forward the workers' row counts to ``on_rows`` from a thread; returns its stopper."""
-    import threading
-
-    def drain() -> None:
-        while True:
-            rows = queue.get()
-            if rows is None:
-                return
-            if on_rows is not None:
-                on_rows(rows)
-
-    thread = threading.Thread(target=drain, name="bootstrap-progress", daemon=True)
-    thread.start()
-
-    def stop() -> None:
-        queue.put(None)
-        thread.join(timeout=5)
-
-    return stop
-
-
 def bootstrap_targets(
     targets: Sequence[Target],
     settings: Settings,
@@ -471,8 +560,12 @@ def bootstrap_targets(
     on_rows: Callable[[int], None] | None = None,
     on_result: Callable[[BootstrapResult], None] | None = None,
     on_plan: Callable[[int, int], None] | None = None,
+    writer: SnapshotWriter | None = None,
 ) -> list[BootstrapResult]:
-    """Bootstrap ``targets`` on ``parallel`` worker processes; skipped ones are included."""
+    """Bootstrap ``targets`` on ``parallel`` worker processes; skipped ones are included.
+
+    ``writer`` is used for the uploads and publishes instead of a new one (left open).
+    """
     coordinator = Coordinator(
         settings, parallel=parallel, force=force, on_rows=on_rows, on_result=on_result
     )
@@ -483,4 +576,4 @@ def bootstrap_targets(
         log.info("%s already bootstrapped (version %s); skipped", result.target, result.version)
         if on_result is not None:
             on_result(result)
-    return skipped + coordinator.run(plans)
+    return skipped + coordinator.run(plans, writer)

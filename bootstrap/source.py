@@ -1,11 +1,13 @@
 """Reading a target from PostgreSQL: the queries, their snapshot, and the key ranges.
 
-Two row shapes are read. The *encoder* shape lets PostgreSQL do the costly conversions
-while it streams: dates as days since the epoch, timestamps with time zone as epoch
-microseconds, numerics as their unscaled integer, jsonb as its canonical text. Those are
-exactly the values the Avro logical types store, so the encoder never builds a ``date``,
-``datetime`` or ``Decimal``. The *exact* shape reads the values as Python objects, for
-comparing a snapshot with the database.
+Two row shapes are read. The *encoder* shape is what PostgreSQL can send most cheaply and
+the segment encoder turns into Avro with integer arithmetic, never building a ``date``,
+``datetime`` or ``Decimal``: it is read in binary, with dates as PostgreSQL's own binary
+form (days since 2000-01-01) and timestamps with time zone likewise (microseconds since
+2000-01-01 UTC), both loaded as plain integers by psycopg's C loaders; numerics as their
+text, which at the column's fixed scale is the unscaled integer with a point in it; jsonb
+as its canonical text. The *exact* shape reads the values as Python objects, for comparing
+a snapshot with the database.
 
 Every read of a target happens in one REPEATABLE READ transaction, whose
 ``pg_current_snapshot()`` becomes the snapshot's source position; several processes share
@@ -22,16 +24,19 @@ from typing import Any
 
 import psycopg
 from psycopg import sql
+from psycopg.types.numeric import Int4BinaryLoader, Int8BinaryLoader
 
 from schemas.datasets import DATASETS, Column, Dataset, Target, get_dataset
 from storage_builder.errors import SourceError
 
 log = logging.getLogger(__name__)
 
-FETCH_ROWS = 5_000
+# Rows per FETCH of the server-side cursor: a few megabytes of Python objects at most.
+FETCH_ROWS = 2_000
 
-# numeric(p, s) with p <= 18 always fits a bigint once scaled; wider ones travel as text.
-_BIGINT_DIGITS = 18
+# PostgreSQL's binary dates and timestamps count from 2000-01-01; Avro's from 1970-01-01.
+PG_EPOCH_DAYS = 10_957
+PG_EPOCH_MICROS = PG_EPOCH_DAYS * 86_400 * 1_000_000
 
 
 @dataclass(frozen=True)
@@ -44,19 +49,7 @@ class TargetSnapshot:
 
 def _encoder_expression(column: Column) -> sql.Composable:
     name = sql.Identifier(column.name)
-    numeric = column.numeric_scale
-    if numeric is not None:
-        precision, scale = numeric
-        cast = "bigint" if precision <= _BIGINT_DIGITS else f"numeric({precision + scale},0)"
-        text = "" if precision <= _BIGINT_DIGITS else "::text"
-        return sql.SQL("(({} * {}::numeric)::{}){}").format(
-            name, sql.Literal(10**scale), sql.SQL(cast), sql.SQL(text)
-        )
-    if column.pg_type == "date":
-        return sql.SQL("({} - date '1970-01-01')").format(name)
-    if column.pg_type == "timestamptz":
-        return sql.SQL("(extract(epoch from {}) * 1000000)::bigint").format(name)
-    if column.pg_type == "jsonb":
+    if column.numeric_scale is not None or column.pg_type == "jsonb":
         return sql.SQL("{}::text").format(name)
     return name
 
@@ -120,6 +113,33 @@ def snapshot_transaction(
         yield TargetSnapshot(pg_snapshot=row[0], exported_id=row[1] if export else None)
 
 
+def stream_batches(
+    conn: psycopg.Connection,
+    target: Target,
+    *,
+    exact: bool = False,
+    lo: int | None = None,
+    hi: int | None = None,
+) -> Iterator[list[tuple[Any, ...]]]:
+    """The rows of ``target`` in ``[lo, hi)`` in key order, in batches of ``FETCH_ROWS``.
+
+    Must run inside :func:`snapshot_transaction`; a server-side cursor keeps at most one
+    batch in memory, whatever the size of the target.
+    """
+    dataset = get_dataset(target.dataset)
+    query, params = range_query(dataset, exact=exact, lo=lo, hi=hi)
+    name = f"sb_{target.dataset}_{target.client_id}"
+    with conn.cursor(name=name, binary=not exact) as cursor:
+        if not exact:
+            # Dates and timestamps stay the integers PostgreSQL sends (see the module doc).
+            cursor.adapters.register_loader("date", Int4BinaryLoader)
+            cursor.adapters.register_loader("timestamptz", Int8BinaryLoader)
+        cursor.itersize = FETCH_ROWS
+        cursor.execute(query, [target.client_id, *params])
+        while batch := cursor.fetchmany(FETCH_ROWS):
+            yield batch
+
+
 def stream_rows(
     conn: psycopg.Connection,
     target: Target,
@@ -128,18 +148,9 @@ def stream_rows(
     lo: int | None = None,
     hi: int | None = None,
 ) -> Iterator[tuple[Any, ...]]:
-    """The rows of ``target`` in ``[lo, hi)`` in key order, fetched in batches.
-
-    Must run inside :func:`snapshot_transaction`; a server-side cursor keeps at most one
-    batch in memory, whatever the size of the target.
-    """
-    dataset = get_dataset(target.dataset)
-    query, params = range_query(dataset, exact=exact, lo=lo, hi=hi)
-    with conn.cursor(name=f"sb_{target.dataset}_{target.client_id}") as cursor:
-        cursor.itersize = FETCH_ROWS
-        cursor.execute(query, [target.client_id, *params])
-        while batch := cursor.fetchmany(FETCH_ROWS):
-            yield from batch
+    """The rows of ``target`` in ``[lo, hi)`` in key order, one by one (see stream_batches)."""
+    for batch in stream_batches(conn, target, exact=exact, lo=lo, hi=hi):
+        yield from batch
 
 
 def split_points(conn: psycopg.Connection, target: Target, parts: int) -> list[int]:

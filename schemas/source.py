@@ -27,9 +27,19 @@ SOURCE_SQL = Path(__file__).resolve().parent / "source.sql"
 ConnectionLike = psycopg.Connection | str
 
 
-def source_sql() -> str:
-    """The text of ``source.sql``."""
-    return SOURCE_SQL.read_text(encoding="utf-8")
+# Where source.sql's last part, the publication, begins.
+_PUBLICATION_PART = "-- The publication Debezium's pgoutput plugin reads."
+
+
+def source_sql(*, publication: bool = True) -> str:
+    """The text of ``source.sql``; without its publication part when ``publication`` is False."""
+    text = SOURCE_SQL.read_text(encoding="utf-8")
+    if publication:
+        return text
+    head, found, _ = text.partition(_PUBLICATION_PART)
+    if not found:
+        raise SourceError(f"{SOURCE_SQL.name} lacks the line {_PUBLICATION_PART!r}")
+    return head
 
 
 @contextmanager
@@ -50,15 +60,20 @@ def connection(
         yield conn
 
 
-def apply_schema(conn_or_dsn: ConnectionLike) -> None:
-    """Create the tables, version triggers and publication of ``source.sql`` (idempotent)."""
+def apply_schema(conn_or_dsn: ConnectionLike, *, publication: bool = True) -> None:
+    """Create the tables, version triggers and publication of ``source.sql`` (idempotent).
+
+    ``publication=False`` leaves the publication out: a database whose writes no change
+    stream should follow (a benchmark's, say) gets the tables and triggers only.
+    """
     with connection(conn_or_dsn) as conn:
         try:
             with conn.transaction():
-                conn.execute(source_sql())
+                conn.execute(source_sql(publication=publication))
         except psycopg.Error as error:
             raise SourceError(f"applying source.sql failed: {error}") from error
-    log.info("source schema applied (%d datasets, publication %s)", len(DATASETS), PUBLICATION)
+    published = PUBLICATION if publication else "none"
+    log.info("source schema applied (%d datasets, publication %s)", len(DATASETS), published)
 
 
 def schema_is_applied(conn: psycopg.Connection) -> bool:

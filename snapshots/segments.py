@@ -156,6 +156,28 @@ def _client_metadata(client_id: int | None) -> dict[str, bytes]:
     return {} if client_id is None else {META_CLIENT: str(client_id).encode()}
 
 
+# A block encoded elsewhere (the bootstrap's own encoder) enters a segment as this.
+SegmentBlock = _Block
+
+
+def segment_from_blocks(
+    dataset: Dataset,
+    blocks: list[SegmentBlock],
+    *,
+    codec: str,
+    sync: bytes,
+    client_id: int | None = None,
+) -> EncodedSegment:
+    """A segment made of blocks already framed with ``sync`` and compressed with ``codec``.
+
+    For encoders other than fastavro's writer: the header, block list and totals are the
+    ones :func:`encode_segment` writes, so the result reads and rewrites like any segment.
+    """
+    if not blocks:
+        raise ValueError(f"a segment of {dataset.name} needs at least one block")
+    return _assemble(dataset, blocks, codec, sync, _client_metadata(client_id))
+
+
 def encode_segment(
     dataset: Dataset,
     rows: Iterable[dict[str, Any]],
