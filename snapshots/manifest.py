@@ -26,13 +26,17 @@ class SourcePosition(BaseModel):
     """How far in the change stream a snapshot is complete.
 
     ``pg_snapshot`` is ``pg_current_snapshot()`` as text, taken by the bootstrap; ``offsets``
-    maps ``"topic:partition"`` to the last offset applied (inclusive) for this target.
+    maps ``"topic:partition"`` to the last offset applied (inclusive) for this target;
+    ``source_ts_ms`` is the source commit time (epoch milliseconds) of the newest change
+    applied, which per-target staleness is measured from (None until a change is applied;
+    manifests written before the field existed load with None).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     pg_snapshot: str | None = None
     offsets: dict[str, int] = Field(default_factory=dict)
+    source_ts_ms: int | None = None
 
     def offset(self, topic: str, partition: int) -> int | None:
         """The last applied offset of this target on ``topic:partition``, if any."""

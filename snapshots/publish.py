@@ -225,15 +225,18 @@ class SnapshotWriter:
         deletes: Collection[int],
         position: SourcePosition,
         expected: TargetState,
+        manifest: Manifest | None = None,
     ) -> ApplyResult:
         """Apply a micro-batch of changes and publish the next version.
 
         Only the segments whose key ranges the changes touch are read and rewritten; every
-        other segment entry is carried over unchanged.
+        other segment entry is carried over unchanged. ``manifest``, when the caller kept
+        the manifest of ``expected`` (it published it), saves reading it again.
         """
         dataset = get_dataset(target.dataset)
         _check_rows(target, dataset.client_column, upserts)
-        manifest = self.load_manifest(expected, target)
+        if manifest is None or manifest.version != expected.version:
+            manifest = self.load_manifest(expected, target)
         written_before = self.store.bytes_written
 
         if manifest.segments:
@@ -284,6 +287,7 @@ class SnapshotWriter:
             for index, changes in sorted(by_segment.items())
         }
         replaced = {index: future.result() for index, future in futures.items()}
+        crash_point("after_segments")
 
         entries: list[SegmentEntry] = []
         for index, segment in enumerate(manifest.segments):

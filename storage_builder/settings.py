@@ -141,6 +141,8 @@ class ConsumerSettings(_Section):
     memory_budget_mb: int = Field(default=96, ge=8)
     flush_max_age_cap_s: float = Field(default=10.0, gt=0)
     poll_batch: int = Field(default=2_000, ge=1)
+    # Targets published at once when several batches are due: their S3 round trips overlap.
+    publish_threads: int = Field(default=8, ge=1, le=64)
     shutdown_deadline_s: float = Field(default=30.0, gt=0)
     metrics_port: int = Field(default=9464, ge=0, le=65535)
     metrics_host: str = "127.0.0.1"
