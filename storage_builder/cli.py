@@ -77,6 +77,7 @@ def _register_subcommands() -> None:
     # Imported here so each package keeps its own commands next to its code.
     from bootstrap.cli import register as register_bootstrap
     from consumer.cli import register as register_consumer
+    from consumer.lag import register as register_lag
     from schemas.demo import register as register_demo
     from snapshots.cli import register as register_snapshots
     from storage_builder.bench import register as register_bench
@@ -84,6 +85,7 @@ def _register_subcommands() -> None:
     for register in (
         register_bootstrap,
         register_consumer,
+        register_lag,
         register_demo,
         register_snapshots,
         register_bench,
