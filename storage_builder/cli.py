@@ -76,6 +76,7 @@ def show_config(ctx: typer.Context) -> None:
 def _register_subcommands() -> None:
     # Imported here so each package keeps its own commands next to its code.
     from bootstrap.cli import register as register_bootstrap
+    from bootstrap.reconcile import register as register_reconcile
     from consumer.cli import register as register_consumer
     from consumer.lag import register as register_lag
     from schemas.demo import register as register_demo
@@ -84,6 +85,7 @@ def _register_subcommands() -> None:
 
     for register in (
         register_bootstrap,
+        register_reconcile,
         register_consumer,
         register_lag,
         register_demo,

@@ -1,0 +1,312 @@
+"""Comparing a target with its snapshot by checksums of key ranges, computed by PostgreSQL.
+
+A key range's checksum is the row count and the exact sum of the row hashes of
+:mod:`snapshots.checksums` over the range, the same figures a manifest keeps per segment.
+PostgreSQL computes them from each row's key and version alone, which the primary-key index
+holds (it INCLUDEs the version), so the comparison is an index-only scan and moves no rows.
+
+1. :func:`segment_sums` asks for the checksum of every segment's range of a target in one
+   aggregate query.
+2. :func:`find_differences` narrows each mismatching range down: it cuts the range into
+   sub-ranges, asks for their checksums in one query per level, keeps the sub-ranges that
+   still differ from the snapshot's side, and stops at ranges small enough to compare row
+   by row. Only those leaves' rows travel, with their full values, ready for the repair.
+"""
+
+from __future__ import annotations
+
+import logging
+from bisect import bisect_left
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from itertools import accumulate
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from bootstrap.source import range_query
+from schemas.datasets import Dataset, Target, get_dataset
+from snapshots.checksums import row_hash, sql_row_hash
+from storage_builder.errors import SnapshotFormatError
+
+log = logging.getLogger(__name__)
+
+MIN_KEY = -(2**63)
+MAX_KEY = 2**63 - 1
+
+# A range with at most this many rows on both sides is compared row by row.
+LEAF_ROWS = 1_000
+# How many sub-ranges a mismatching range is cut into at each level.
+FAN_OUT = 16
+
+
+@dataclass(frozen=True)
+class RangeSum:
+    """Row count and checksum of a key range, with the lowest and highest key found in it."""
+
+    rows: int
+    checksum: int
+    min_key: int | None = None
+    max_key: int | None = None
+
+    def matches(self, other: RangeSum) -> bool:
+        return self.rows == other.rows and self.checksum == other.checksum
+
+
+EMPTY = RangeSum(0, 0)
+
+
+@dataclass(frozen=True)
+class RowDifference:
+    """One key whose row differs between the database and the snapshot.
+
+    ``row`` is the database's row (exact values) when the database holds the key.
+    """
+
+    key: int
+    db_version: int | None
+    snapshot_version: int | None
+    row: dict[str, Any] | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def kind(self) -> str:
+        if self.snapshot_version is None:
+            return "added"
+        if self.db_version is None:
+            return "removed"
+        return "changed"
+
+    @property
+    def versions(self) -> tuple[int | None, int | None]:
+        return self.db_version, self.snapshot_version
+
+
+class SnapshotKeys:
+    """The (key, version) pairs of part of a snapshot, sorted, with prefix sums of hashes."""
+
+    def __init__(self, pairs: Iterable[tuple[int, int]]) -> None:
+        self.keys: list[int] = []
+        self.versions: list[int] = []
+        for key, version in pairs:
+            self.keys.append(key)
+            self.versions.append(version)
+        hashes = (row_hash(k, v) for k, v in zip(self.keys, self.versions, strict=True))
+        self._prefix = [0, *accumulate(hashes)]
+
+    @classmethod
+    def of_rows(cls, dataset: Dataset, rows: Iterable[dict[str, Any]]) -> SnapshotKeys:
+        key, version = dataset.key_column, dataset.version_column
+        return cls((row[key], row[version]) for row in rows)
+
+    def span(self, lo: int | None, hi: int | None) -> tuple[int, int]:
+        """Indexes ``[i, j)`` of the keys in ``[lo, hi)``."""
+        start = 0 if lo is None else bisect_left(self.keys, lo)
+        end = len(self.keys) if hi is None else bisect_left(self.keys, hi)
+        return start, end
+
+    def sum(self, lo: int | None, hi: int | None) -> RangeSum:
+        start, end = self.span(lo, hi)
+        if start == end:
+            return EMPTY
+        checksum = self._prefix[end] - self._prefix[start]
+        return RangeSum(end - start, checksum, self.keys[start], self.keys[end - 1])
+
+    def versions_in(self, lo: int | None, hi: int | None) -> dict[int, int]:
+        start, end = self.span(lo, hi)
+        return dict(zip(self.keys[start:end], self.versions[start:end], strict=True))
+
+    @property
+    def total(self) -> RangeSum:
+        return self.sum(None, None)
+
+
+@dataclass(frozen=True)
+class KeyRange:
+    """Keys in ``[lo, hi)`` of a target (None: unbounded), with the snapshot's side of it."""
+
+    lo: int | None
+    hi: int | None
+    snapshot: SnapshotKeys
+
+    @property
+    def snapshot_sum(self) -> RangeSum:
+        return self.snapshot.sum(self.lo, self.hi)
+
+    def bounds(self) -> tuple[int, int]:
+        """Inclusive bounds as PostgreSQL compares them."""
+        return (
+            MIN_KEY if self.lo is None else self.lo,
+            MAX_KEY if self.hi is None else self.hi - 1,
+        )
+
+
+def _inclusive(lo: int | None, hi: int | None) -> tuple[int, int]:
+    """Inclusive bounds of ``[lo, hi)`` as PostgreSQL compares them."""
+    return (MIN_KEY if lo is None else lo, MAX_KEY if hi is None else hi - 1)
+
+
+def _table(dataset: Dataset) -> sql.Composable:
+    return sql.SQL("{}.{}").format(sql.Identifier(dataset.schema), sql.Identifier(dataset.name))
+
+
+def _row_hash(dataset: Dataset, alias: str) -> sql.Composable:
+    # The dataset's column names are constants of this code base, never input.
+    key = f'{alias}."{dataset.key_column}"'
+    version = f'{alias}."{dataset.version_column}"'
+    return sql.SQL(sql_row_hash(key, version))
+
+
+def segment_sums_query(dataset: Dataset) -> sql.Composed:
+    """One aggregate over a client's rows, grouped by the segment each key falls in.
+
+    ``width_bucket`` over the segments' lower bounds (all but the first's) numbers the
+    segments from 0, so the group number is the segment's index in the manifest.
+    """
+    key = sql.SQL("t.{}").format(sql.Identifier(dataset.key_column))
+    return sql.SQL(
+        "SELECT width_bucket({key}, %s::bigint[]) AS segment, count(*), "
+        "coalesce(sum({hash}), 0), min({key}), max({key}) "
+        "FROM {table} AS t WHERE t.{client} = %s GROUP BY 1"
+    ).format(
+        key=key,
+        hash=_row_hash(dataset, "t"),
+        table=_table(dataset),
+        client=sql.Identifier(dataset.client_column),
+    )
+
+
+def segment_sums(
+    conn: psycopg.Connection, target: Target, lo_bounds: Sequence[int]
+) -> list[RangeSum]:
+    """The checksum of each segment's range, for segments starting at None, then each bound.
+
+    Returns ``len(lo_bounds) + 1`` sums; a range without rows has the empty sum.
+    """
+    dataset = get_dataset(target.dataset)
+    sums = [EMPTY] * (len(lo_bounds) + 1)
+    cursor = conn.execute(segment_sums_query(dataset), [list(lo_bounds), target.client_id])
+    for segment, rows, checksum, min_key, max_key in cursor:
+        sums[segment] = RangeSum(rows, int(checksum), min_key, max_key)
+    return sums
+
+
+def range_sums(
+    conn: psycopg.Connection, target: Target, ranges: Sequence[tuple[int | None, int | None]]
+) -> list[RangeSum]:
+    """The checksums of any number of disjoint key ranges ``[lo, hi)``, in one query (one
+    index range scan per range)."""
+    if not ranges:
+        return []
+    dataset = get_dataset(target.dataset)
+    query = sql.SQL(
+        "SELECT x.rows, x.checksum, x.min_key, x.max_key "
+        "FROM unnest(%s::bigint[], %s::bigint[]) WITH ORDINALITY AS r(lo, hi, n) "
+        "CROSS JOIN LATERAL (SELECT count(*) AS rows, coalesce(sum({hash}), 0) AS checksum, "
+        "min(t.{key}) AS min_key, max(t.{key}) AS max_key FROM {table} AS t "
+        "WHERE t.{client} = %s AND t.{key} BETWEEN r.lo AND r.hi) AS x ORDER BY r.n"
+    ).format(
+        hash=_row_hash(dataset, "t"),
+        key=sql.Identifier(dataset.key_column),
+        table=_table(dataset),
+        client=sql.Identifier(dataset.client_column),
+    )
+    bounds = [_inclusive(lo, hi) for lo, hi in ranges]
+    cursor = conn.execute(
+        query, [[lo for lo, _ in bounds], [hi for _, hi in bounds], target.client_id]
+    )
+    return [RangeSum(rows, int(checksum), lo, hi) for rows, checksum, lo, hi in cursor]
+
+
+def _cut(key_range: KeyRange, db: RangeSum) -> list[KeyRange] | None:
+    """Sub-ranges of a range, cut evenly between the lowest and highest key either side
+    holds; None when the range holds a single key and cannot be cut."""
+    mine = key_range.snapshot_sum
+    lows = [k for k in (db.min_key, mine.min_key) if k is not None]
+    highs = [k for k in (db.max_key, mine.max_key) if k is not None]
+    first, last = min(lows), max(highs)
+    if first >= last:
+        return None
+    step = max(1, -(-(last - first + 1) // FAN_OUT))
+    points = list(range(first + step, last + 1, step))
+    edges: list[int | None] = [key_range.lo, *points, key_range.hi]
+    return [KeyRange(lo, hi, key_range.snapshot) for lo, hi in zip(edges, edges[1:], strict=False)]
+
+
+def _leaf_differences(
+    conn: psycopg.Connection, target: Target, key_range: KeyRange
+) -> list[RowDifference]:
+    """Compare a small range row by row: the database's rows (exact values) and the
+    snapshot's versions."""
+    dataset = get_dataset(target.dataset)
+    query, params = range_query(dataset, exact=True, lo=key_range.lo, hi=key_range.hi)
+    names = dataset.column_names
+    key_index = names.index(dataset.key_column)
+    version_index = names.index(dataset.version_column)
+    snapshot = key_range.snapshot.versions_in(key_range.lo, key_range.hi)
+
+    differences = []
+    for values in conn.execute(query, [target.client_id, *params]):
+        key, version = values[key_index], values[version_index]
+        held = snapshot.pop(key, None)
+        if held != version:
+            row = dict(zip(names, values, strict=True))
+            differences.append(RowDifference(key, version, held, row))
+    differences.extend(RowDifference(key, None, held) for key, held in snapshot.items())
+    return differences
+
+
+class TooManyDifferences(SnapshotFormatError):
+    """More rows differ than a repair in place should carry; rebuild the target instead."""
+
+
+def find_differences(
+    conn: psycopg.Connection,
+    target: Target,
+    mismatched: Sequence[tuple[KeyRange, RangeSum]],
+    *,
+    max_rows: int,
+    leaf_rows: int = LEAF_ROWS,
+) -> list[RowDifference]:
+    """The rows that differ in the given ranges, each paired with its database checksum.
+
+    Runs inside the caller's transaction, so every level sees the same database snapshot.
+    Raises TooManyDifferences as soon as more than ``max_rows`` rows would be compared row
+    by row.
+    """
+    pending = [(r, db) for r, db in mismatched if not db.matches(r.snapshot_sum)]
+    leaves: list[KeyRange] = []
+    leaf_total = 0
+    levels = 0
+    while pending:
+        cut: list[KeyRange] = []
+        for key_range, db in pending:
+            children = None
+            if max(db.rows, key_range.snapshot_sum.rows) > leaf_rows:
+                children = _cut(key_range, db)
+            if children is None:
+                leaves.append(key_range)
+                leaf_total += max(db.rows, key_range.snapshot_sum.rows)
+            else:
+                cut.extend(children)
+        if leaf_total > max_rows:
+            raise TooManyDifferences(
+                f"more than {max_rows} rows of {target} would have to be compared row by row"
+            )
+        sums = range_sums(conn, target, [(r.lo, r.hi) for r in cut])
+        pending = [
+            (r, db) for r, db in zip(cut, sums, strict=True) if not db.matches(r.snapshot_sum)
+        ]
+        levels += 1
+
+    differences: list[RowDifference] = []
+    for leaf in leaves:
+        differences.extend(_leaf_differences(conn, target, leaf))
+    log.debug(
+        "%s: %d levels of bisection, %d leaves, %d rows differ",
+        target,
+        levels,
+        len(leaves),
+        len(differences),
+    )
+    return sorted(differences, key=lambda d: d.key)

@@ -1,0 +1,769 @@
+"""Reconciliation: prove each target's snapshot equals the database, and repair what drifted.
+
+For each target, in this order:
+
+1. The registry entry is read, and rebuilt from the newest manifest in S3 when Redis lost it.
+2. The manifest is read and its segment objects are listed (one LIST, no segment read): a
+   missing manifest, a missing segment object or one of the wrong size cannot be repaired in
+   place, and the target is bootstrapped again instead.
+3. In a REPEATABLE READ transaction begun *after* step 1, one aggregate query asks
+   PostgreSQL for the row count and checksum of every segment's key range and compares them
+   with the manifest. A target in sync ends here, having read no segment and written nothing.
+4. Only mismatching segments are read; their ranges are bisected down to the rows that
+   differ (:mod:`bootstrap.bisection`), whose values are read in the same transaction.
+5. The repair rewrites just the segments holding those rows and publishes with the same
+   compare-and-set on the version as the consumer, expecting the version compared in step 1.
+
+Why this cannot lose a change the consumer streams meanwhile: the state of step 1 was
+published before the database snapshot of step 3 was taken, so everything the snapshot holds
+is also in the database snapshot, and the repair only writes values as of that consistent
+point. The repaired manifest keeps the source position of step 1, so the consumer still
+applies every change after it on top (re-applying a change it already had is harmless: an
+event carries the whole row). If the consumer published in between, the compare-and-set
+fails and the target is compared again from step 1, since that publish may hold the fix.
+
+A difference can also be a change the consumer simply has not applied yet. With a grace
+period, drift is confirmed by a second comparison after it: a row counts as drifted only if
+it differed the same way both times; the others are left to the consumer.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated
+
+import fastavro
+import psycopg
+import typer
+from psycopg import sql
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from bootstrap import source
+from bootstrap.bisection import (
+    KeyRange,
+    RangeSum,
+    RowDifference,
+    SnapshotKeys,
+    TooManyDifferences,
+    find_differences,
+    segment_sums,
+)
+from bootstrap.reconcile_report import (
+    BY_BOOTSTRAP,
+    BY_REINDEX,
+    BY_SEGMENTS,
+    DRIFT,
+    EXIT_FAILED,
+    FAILED,
+    IN_SYNC,
+    REPAIRED,
+    ReconcileReport,
+    TargetReport,
+    render_table,
+    write_json,
+)
+from schemas.datasets import DATASETS, Target, get_dataset, parse_client_id
+from snapshots import keys as object_keys
+from snapshots.checksums import parse_checksum
+from snapshots.manifest import Manifest, SegmentEntry
+from snapshots.publish import SnapshotWriter
+from snapshots.registry import (
+    TargetState,
+    VersionRegistry,
+    discover_targets,
+    newest_manifest,
+    reindex,
+)
+from snapshots.segments import META_BLOCKS, iter_segment_rows, segment_metadata
+from snapshots.store import ObjectStore
+from storage_builder.errors import (
+    ConfigError,
+    ObjectStoreError,
+    PublishConflict,
+    RegistryError,
+    SnapshotFormatError,
+    StorageBuilderError,
+)
+from storage_builder.settings import Settings
+
+log = logging.getLogger(__name__)
+
+Versions = tuple[int | None, int | None]
+
+REGISTRY_MISSING = "registry entry missing; a run would rebuild it from S3"
+
+
+@dataclass(frozen=True)
+class ReconcileOptions:
+    """How a reconciliation runs.
+
+    ``grace_s``: how long a difference must persist to count as drift (0: repair what the
+    first comparison finds). ``max_repair_rows``: more rows than this to compare row by row
+    and the target is bootstrapped instead of repaired in place.
+    """
+
+    dry_run: bool = False
+    grace_s: float = 0.0
+    parallel: int = 4
+    max_attempts: int = 5
+    max_repair_rows: int = 100_000
+
+
+class _Rebuild(Exception):
+    """The target cannot be repaired in place; the reason says why."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass
+class _Comparison:
+    """What one comparison of a target found."""
+
+    state: TargetState | None
+    rows: int = 0
+    differences: list[RowDifference] = field(default_factory=list)
+    segments_read: int = 0
+
+
+class Reconciler:
+    """Compares and repairs targets; one database connection per worker thread."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        options: ReconcileOptions | None = None,
+        writer: SnapshotWriter | None = None,
+    ) -> None:
+        self.settings = settings
+        self.options = options or ReconcileOptions()
+        self.root = settings.s3.prefix
+        self.writer = writer or SnapshotWriter(
+            ObjectStore(settings.s3),
+            VersionRegistry(settings.redis),
+            settings.snapshot,
+            self.root,
+        )
+        self._own_writer = writer is None
+        self._local = threading.local()
+        self._connections: list[psycopg.Connection] = []
+        self._lock = threading.Lock()
+
+    @property
+    def store(self) -> ObjectStore:
+        return self.writer.store
+
+    @property
+    def registry(self) -> VersionRegistry:
+        return self.writer.registry
+
+    def close(self) -> None:
+        with self._lock:
+            for conn in self._connections:
+                conn.close()
+            self._connections.clear()
+        if self._own_writer:
+            self.writer.close()
+            self.registry.close()
+
+    def __enter__(self) -> Reconciler:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _conn(self) -> psycopg.Connection:
+        conn: psycopg.Connection | None = getattr(self._local, "conn", None)
+        if conn is None or conn.closed:
+            conn = source.connect(self.settings.postgres.dsn.get_secret_value())
+            self._local.conn = conn
+            with self._lock:
+                self._connections.append(conn)
+        return conn
+
+    def _drop_conn(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+    # The run: one pass, or two around the grace period.
+
+    def run(
+        self,
+        targets: Sequence[Target],
+        on_done: Callable[[TargetReport], None] | None = None,
+    ) -> ReconcileReport:
+        """Reconcile ``targets``; never raises for one target's failure (it is reported)."""
+        options = self.options
+        report = ReconcileReport([], options.dry_run, options.grace_s, time.time())
+        requests_before = self.store.requests
+        started = time.monotonic()
+        self.registry.ping()
+        reports = {target: TargetReport(target) for target in targets}
+
+        confirm = not options.dry_run and options.grace_s > 0
+        repair_now = not options.dry_run and not confirm
+        found = self._pass(reports, repair=repair_now, confirm=None, on_done=on_done)
+        if confirm and found:
+            log.info(
+                "%d targets differ; comparing them again in %.1fs, so that changes the "
+                "consumer is still applying are not taken for drift",
+                len(found),
+                options.grace_s,
+            )
+            time.sleep(options.grace_s)
+            again = {target: reports[target] for target in found}
+            self._pass(again, repair=True, confirm=found, on_done=None)
+
+        report.targets = [reports[target] for target in targets]
+        report.seconds = time.monotonic() - started
+        report.s3_requests = self.store.requests - requests_before
+        return report
+
+    def _pass(
+        self,
+        reports: dict[Target, TargetReport],
+        *,
+        repair: bool,
+        confirm: dict[Target, dict[int, Versions] | None] | None,
+        on_done: Callable[[TargetReport], None] | None,
+    ) -> dict[Target, dict[int, Versions] | None]:
+        """Run every target on the worker threads; returns the targets found drifted but
+        not repaired, with the differences seen (None: the target needs a bootstrap)."""
+        found: dict[Target, dict[int, Versions] | None] = {}
+
+        def one(target: Target) -> None:
+            report = reports[target]
+            started = time.monotonic()
+            candidates = confirm.get(target) if confirm is not None else None
+            try:
+                result = self.reconcile_target(target, report, repair=repair, confirm=candidates)
+                if report.outcome == DRIFT:
+                    found[target] = result
+            except Exception as error:  # one target's failure must not stop the others
+                self._failed(report, error)
+            report.seconds += time.monotonic() - started
+            if on_done is not None:
+                on_done(report)
+
+        with ThreadPoolExecutor(self.options.parallel, thread_name_prefix="reconcile") as pool:
+            list(pool.map(one, list(reports)))
+        return found
+
+    def _failed(self, report: TargetReport, error: Exception) -> None:
+        report.outcome = FAILED
+        report.reason = f"{type(error).__name__}: {error}"
+        expected = isinstance(error, StorageBuilderError | psycopg.Error | OSError)
+        log.warning(
+            "reconciliation of %s failed: %s",
+            report.target,
+            report.reason,
+            exc_info=not expected,
+            extra={"target": str(report.target)},
+        )
+        if isinstance(error, psycopg.Error):
+            self._drop_conn()
+
+    # One target.
+
+    def reconcile_target(
+        self,
+        target: Target,
+        report: TargetReport,
+        *,
+        repair: bool = True,
+        confirm: dict[int, Versions] | None = None,
+    ) -> dict[int, Versions] | None:
+        """Compare one target and, if ``repair``, repair it; the outcome goes to ``report``.
+
+        With ``confirm`` (the differences an earlier comparison saw), only rows that differ
+        the same way now count as drift. Returns the differences found when not repairing
+        (None when the target needs a bootstrap).
+        """
+        self._restore_registry(target, report)
+        for attempt in range(1, self.options.max_attempts + 1):
+            report.attempts = attempt
+            try:
+                comparison = self._compare(target, report)
+            except _Rebuild as rebuild:
+                report.reason = rebuild.reason
+                if not repair:
+                    report.outcome, report.method = DRIFT, BY_BOOTSTRAP
+                    return None
+                self._bootstrap(target, report)
+                return None
+
+            differences = self._confirmed(comparison.differences, confirm, report)
+            report.count(differences)
+            if not differences:
+                self._no_row_drift(report)
+                return None
+            if not repair:
+                report.outcome = DRIFT
+                return {difference.key: difference.versions for difference in differences}
+
+            assert comparison.state is not None
+            try:
+                self._repair(target, comparison.state, differences, report)
+            except PublishConflict as conflict:
+                # The consumer published meanwhile: compare again, its publish may hold the fix.
+                log.warning("%s; comparing %s again (attempt %d)", conflict, target, attempt)
+                continue
+            return None
+        raise _gave_up(target, self.options.max_attempts)
+
+    def _confirmed(
+        self,
+        differences: list[RowDifference],
+        confirm: dict[int, Versions] | None,
+        report: TargetReport,
+    ) -> list[RowDifference]:
+        if confirm is None:
+            return differences
+        stable = [d for d in differences if confirm.get(d.key) == d.versions]
+        report.rows_in_flight = len(differences) - len(stable)
+        if report.rows_in_flight:
+            log.info(
+                "%s: %d differing rows changed during the grace period; left to the consumer",
+                report.target,
+                report.rows_in_flight,
+            )
+        return stable
+
+    def _no_row_drift(self, report: TargetReport) -> None:
+        """The outcome of a target whose rows all match: its registry entry may still not."""
+        if report.registry_rebuilt:
+            report.outcome, report.method = REPAIRED, BY_REINDEX
+        elif report.reason == REGISTRY_MISSING:
+            report.outcome, report.method = DRIFT, BY_REINDEX
+        else:
+            report.outcome, report.method = IN_SYNC, None
+
+    def _restore_registry(self, target: Target, report: TargetReport) -> None:
+        """Step 1: rebuild the registry entry from S3 if Redis lost it (not in a dry run)."""
+        if self.options.dry_run or self.registry.get(target) is not None:
+            return
+        if reindex(self.registry, self.store, self.root, [target]):
+            report.registry_rebuilt = True
+            log.warning("registry entry of %s was missing; rebuilt from S3", target)
+
+    def _state(self, target: Target, report: TargetReport) -> TargetState | None:
+        state = self.registry.get(target)
+        if state is None and self.options.dry_run:
+            # A dry run writes nothing, not even Redis: take the newest manifest as it stands.
+            found = newest_manifest(self.store, self.root, target)
+            if found is not None:
+                manifest, key = found
+                report.reason = REGISTRY_MISSING
+                return TargetState.of(manifest, key)
+        return state
+
+    def _compare(self, target: Target, report: TargetReport) -> _Comparison:
+        """Steps 2 to 4: the differences between the target's snapshot and the database."""
+        state = self._state(target, report)
+        manifest = self._manifest(target, state) if state is not None else None
+        report.version_before = state.version if state is not None else None
+        if manifest is not None:
+            self._check_objects(target, manifest)
+
+        conn = self._conn()
+        with source.snapshot_transaction(conn):
+            comparison = self._compare_in_snapshot(conn, target, state, manifest)
+        report.rows = comparison.rows
+        report.segments_read += comparison.segments_read
+        return comparison
+
+    def _compare_in_snapshot(
+        self,
+        conn: psycopg.Connection,
+        target: Target,
+        state: TargetState | None,
+        manifest: Manifest | None,
+    ) -> _Comparison:
+        segments = manifest.segments if manifest is not None else []
+        # One bucket per block of every segment: the same single scan then also gives the
+        # first level of the bisection of any segment that differs.
+        blocks = [_block_bounds(segment) for segment in segments]
+        bounds = [lo for per_segment in blocks for lo, _ in per_segment if lo is not None]
+        buckets = segment_sums(conn, target, bounds)
+        comparison = _Comparison(state, rows=sum(found.rows for found in buckets))
+        if manifest is None:
+            if comparison.rows:
+                raise _Rebuild("no snapshot (no registry entry, no manifest in S3)")
+            return comparison
+
+        ranges: list[tuple[KeyRange, RangeSum]] = []
+        if not segments and buckets[0].rows:
+            ranges = [(KeyRange(None, None, SnapshotKeys([])), buckets[0])]
+        per_segment = _split(buckets, [len(b) for b in blocks])
+        mismatched = [
+            (segment, block_bounds, found)
+            for segment, block_bounds, found in zip(segments, blocks, per_segment, strict=True)
+            if not _total(found).matches(_entry_sum(segment))
+        ]
+        if mismatched:
+            spans = [(segment, _total(found)) for segment, _, found in mismatched]
+            self._check_extent(manifest, spans, comparison.rows)
+        for segment, block_bounds, found in mismatched:
+            ranges.extend(self._segment_ranges(conn, target, segment, block_bounds, found))
+        comparison.segments_read = len(mismatched)
+        if not ranges:
+            return comparison
+
+        try:
+            comparison.differences = find_differences(
+                conn, target, ranges, max_rows=self.options.max_repair_rows
+            )
+        except TooManyDifferences as error:
+            raise _Rebuild(str(error)) from None
+        return comparison
+
+    def _check_extent(
+        self,
+        manifest: Manifest,
+        mismatched: Sequence[tuple[SegmentEntry, RangeSum]],
+        db_rows: int,
+    ) -> None:
+        """A target whose drift spans more than the repair limit is rebuilt, not bisected."""
+        spanned = sum(max(segment.rows, found.rows) for segment, found in mismatched)
+        if spanned > self.options.max_repair_rows and spanned * 2 > max(db_rows, manifest.rows):
+            raise _Rebuild(
+                f"{len(mismatched)} of {len(manifest.segments)} segments differ, holding "
+                f"{spanned} rows: rebuilding is cheaper than comparing them row by row"
+            )
+
+    def _manifest(self, target: Target, state: TargetState) -> Manifest:
+        try:
+            return self.writer.load_manifest(state, target)
+        except (ObjectStoreError, SnapshotFormatError) as error:
+            raise _Rebuild(f"manifest {state.manifest_key} cannot be read: {error}") from None
+
+    def _check_objects(self, target: Target, manifest: Manifest) -> None:
+        """Every segment object the manifest names exists with its size: one LIST, no read."""
+        prefix = object_keys.target_prefix(self.root, target) + object_keys.SEGMENTS
+        sizes = {info.key: info.size for info in self.store.list(prefix)}
+        for segment in manifest.segments:
+            size = sizes.get(segment.key)
+            if size is None:
+                raise _Rebuild(f"segment {segment.key} is missing from S3")
+            if size != segment.bytes:
+                raise _Rebuild(
+                    f"segment {segment.key} has {size} bytes, its manifest says {segment.bytes}"
+                )
+
+    def _segment_ranges(
+        self,
+        conn: psycopg.Connection,
+        target: Target,
+        segment: SegmentEntry,
+        block_bounds: list[tuple[int | None, int | None]],
+        found: list[RangeSum],
+    ) -> list[tuple[KeyRange, RangeSum]]:
+        """The ranges of a mismatching segment that differ, with the snapshot's side read.
+
+        The segment's header holds each block's key range and checksum, so the blocks are
+        compared with the database's sums per block without decoding any; only blocks that
+        differ are decoded. A segment whose header does not describe its blocks as the
+        manifest does is decoded whole and compared as one range.
+        """
+        try:
+            data = self.store.get(segment.key)
+            blocks = _header_blocks(data, segment)
+        except (ObjectStoreError, SnapshotFormatError, ValueError, KeyError) as error:
+            raise _Rebuild(f"segment {segment.key} cannot be read: {error}") from None
+        if blocks is None or [b.min_key for b in blocks] != segment.block_keys:
+            decoded = self._decode(target, segment, data, None)
+            return [(KeyRange(segment.lo, segment.hi, decoded[0]), _total(found))]
+
+        wanted = {i for i, block in enumerate(blocks) if not found[i].matches(block)}
+        decoded = self._decode(target, segment, data, wanted)
+        for index in wanted:
+            if not decoded[index].total.matches(blocks[index]):
+                raise _Rebuild(f"block {index} of segment {segment.key} differs from its header")
+        return [(KeyRange(*block_bounds[i], decoded[i]), found[i]) for i in sorted(wanted)]
+
+    def _decode(
+        self, target: Target, segment: SegmentEntry, data: bytes, wanted: set[int] | None
+    ) -> dict[int, SnapshotKeys]:
+        """Keys and versions of the wanted blocks (None: of the whole segment, as block 0)."""
+        dataset = get_dataset(target.dataset)
+        try:
+            if wanted is None:
+                keys = SnapshotKeys.of_rows(dataset, iter_segment_rows(data))
+                held = keys.total
+                inside = not keys.keys or (
+                    segment.owns(keys.keys[0]) and segment.owns(keys.keys[-1])
+                )
+                if not inside or not held.matches(_entry_sum(segment)):
+                    raise _Rebuild(f"segment {segment.key} does not hold what its manifest says")
+                return {0: keys}
+            decoded = {}
+            for index, block in enumerate(fastavro.block_reader(io.BytesIO(data))):
+                if index in wanted:
+                    decoded[index] = SnapshotKeys.of_rows(dataset, block)  # type: ignore[arg-type]
+            return decoded
+        except (SnapshotFormatError, ValueError, KeyError, EOFError) as error:
+            raise _Rebuild(f"segment {segment.key} cannot be read: {error}") from None
+
+    def _repair(
+        self,
+        target: Target,
+        state: TargetState,
+        differences: list[RowDifference],
+        report: TargetReport,
+    ) -> None:
+        """Step 5: rewrite the segments holding the differences; publish over ``state``."""
+        upserts = {d.key: d.row for d in differences if d.row is not None}
+        deletes = [d.key for d in differences if d.row is None]
+        # The source position stays the consumer's: every change after it is still applied.
+        result = self.writer.apply_changes(
+            target, upserts, deletes, state.source_position, expected=state
+        )
+        report.outcome, report.method = REPAIRED, BY_SEGMENTS
+        report.segments_rewritten = result.segments_rewritten
+        report.version_after = result.manifest.version
+        log.info(
+            "repaired %s: %d rows added, %d changed, %d removed (first keys %s); "
+            "%d segments rewritten, version %d",
+            target,
+            report.rows_added,
+            report.rows_changed,
+            report.rows_removed,
+            [difference.key for difference in differences[:10]],
+            result.segments_rewritten,
+            result.manifest.version,
+            extra={"target": str(target), "version": result.manifest.version},
+        )
+
+    def _bootstrap(self, target: Target, report: TargetReport) -> None:
+        """The fallback: build the target again from the database."""
+        from bootstrap.snapshot import BOOTSTRAPPED, bootstrap_target
+
+        log.warning("%s cannot be repaired in place (%s); bootstrapping it", target, report.reason)
+        for attempt in range(1, self.options.max_attempts + 1):
+            force = self.registry.get(target) is not None
+            try:
+                result = bootstrap_target(
+                    target, self.settings, force=force, writer=self.writer, conn=self._conn()
+                )
+            except PublishConflict as conflict:
+                log.warning("%s; bootstrapping %s again (attempt %d)", conflict, target, attempt)
+                continue
+            if result.outcome != BOOTSTRAPPED:
+                raise SnapshotFormatError(f"bootstrap of {target} ended {result.outcome}")
+            report.outcome, report.method = REPAIRED, BY_BOOTSTRAP
+            report.rows = result.rows
+            report.version_after = result.version
+            return
+        raise _gave_up(target, self.options.max_attempts)
+
+
+def _header_blocks(data: bytes, segment: SegmentEntry) -> list[RangeSum] | None:
+    """Each block's rows, checksum and keys from the segment's header, checked against the
+    manifest entry; None when the header does not describe its blocks."""
+    described = segment_metadata(data).get(META_BLOCKS)
+    if not described:
+        return None
+    blocks = [
+        RangeSum(rows, int(checksum), first, last)
+        for first, last, rows, checksum in json.loads(described)
+    ]
+    total = RangeSum(sum(b.rows for b in blocks), sum(b.checksum for b in blocks))
+    keys = [k for block in blocks for k in (block.min_key, block.max_key) if k is not None]
+    inside = len(keys) == 2 * len(blocks) > 0 and segment.owns(keys[0]) and segment.owns(keys[-1])
+    if not (inside and keys == sorted(keys) and total.matches(_entry_sum(segment))):
+        raise SnapshotFormatError(f"the header of segment {segment.key} contradicts its manifest")
+    return blocks
+
+
+def _block_bounds(segment: SegmentEntry) -> list[tuple[int | None, int | None]]:
+    """The key range ``[lo, hi)`` each block of a segment owns: from its first key (the
+    first block: from the segment's lo) to the next block's first key."""
+    edges = [segment.lo, *segment.block_keys[1:], segment.hi]
+    return list(zip(edges, edges[1:], strict=False))
+
+
+def _split(buckets: list[RangeSum], sizes: list[int]) -> list[list[RangeSum]]:
+    """Bucket sums cut into consecutive groups of the given sizes (one group per segment)."""
+    groups, start = [], 0
+    for size in sizes:
+        groups.append(buckets[start : start + size])
+        start += size
+    return groups
+
+
+def _total(sums: Sequence[RangeSum]) -> RangeSum:
+    return RangeSum(sum(s.rows for s in sums), sum(s.checksum for s in sums))
+
+
+def _entry_sum(segment: SegmentEntry) -> RangeSum:
+    return RangeSum(segment.rows, parse_checksum(segment.checksum))
+
+
+def _gave_up(target: Target, attempts: int) -> RegistryError:
+    return RegistryError(
+        f"{target} lost the compare-and-set {attempts} times in a row: it changes faster than "
+        "it can be compared; run the reconciliation again later"
+    )
+
+
+# Which targets a run covers.
+
+
+def _clients_query(dataset_name: str) -> sql.Composed:
+    """The distinct clients of a table, by skipping through the primary-key index."""
+    dataset = get_dataset(dataset_name)
+    return sql.SQL(
+        "WITH RECURSIVE c(id) AS ("
+        " (SELECT {client} FROM {table} ORDER BY {client} LIMIT 1)"
+        " UNION ALL"
+        " SELECT (SELECT {client} FROM {table} WHERE {client} > c.id ORDER BY {client} LIMIT 1)"
+        " FROM c WHERE c.id IS NOT NULL)"
+        " SELECT id FROM c WHERE id IS NOT NULL"
+    ).format(
+        client=sql.Identifier(dataset.client_column),
+        table=sql.SQL("{}.{}").format(sql.Identifier(dataset.schema), sql.Identifier(dataset.name)),
+    )
+
+
+def select_targets(
+    settings: Settings,
+    *,
+    datasets: Sequence[str] | None = None,
+    clients: Sequence[object] | None = None,
+    every: bool = False,
+    store: ObjectStore | None = None,
+    registry: VersionRegistry | None = None,
+) -> list[Target]:
+    """The targets named by ``--dataset``, ``--client`` and ``--all``.
+
+    Named clients give every (dataset, client) pair. Otherwise every target known anywhere
+    is taken: clients with rows in the database, targets in the registry and targets with
+    objects in S3 (a snapshot whose rows were all deleted still has to be emptied).
+    """
+    if clients and every:
+        raise ConfigError("--client and --all exclude each other; name clients or take all")
+    if not (datasets or clients or every):
+        raise ConfigError("name the targets to reconcile: --client ID, --dataset NAME or --all")
+    names = sorted({get_dataset(name).name for name in datasets} if datasets else DATASETS)
+    if clients:
+        ids = sorted({parse_client_id(client) for client in clients})
+        return [Target(name, client) for name in names for client in ids]
+
+    found: set[Target] = set()
+    with source.connect(settings.postgres.dsn.get_secret_value()) as conn:
+        for name in names:
+            found.update(Target(name, client) for (client,) in conn.execute(_clients_query(name)))
+    registry = registry or VersionRegistry(settings.redis)
+    store = store or ObjectStore(settings.s3)
+    known: Iterable[Target] = [*registry.targets(), *discover_targets(store, settings.s3.prefix)]
+    found.update(target for target in known if target.dataset in names)
+    return sorted(found)
+
+
+# The command.
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``reconcile`` to the app and ``reconcile`` to ``bench``."""
+    app.command("reconcile")(reconcile_command)
+
+    from bootstrap.reconcile_bench import bench_reconcile_command
+    from storage_builder.bench import bench_app
+
+    bench_app.command("reconcile")(bench_reconcile_command)
+
+
+def reconcile_command(
+    ctx: typer.Context,
+    dataset: Annotated[
+        list[str] | None, typer.Option("--dataset", help="A dataset (repeatable); default all.")
+    ] = None,
+    client: Annotated[
+        list[str] | None, typer.Option("--client", help="A client id (repeatable).")
+    ] = None,
+    every: Annotated[
+        bool, typer.Option("--all", help="Every target in the database, Redis or S3.")
+    ] = False,
+    parallel: Annotated[int, typer.Option("--parallel", min=1, max=64)] = 4,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Report drift; write nothing, not even Redis.")
+    ] = False,
+    grace: Annotated[
+        float,
+        typer.Option(
+            "--grace",
+            min=0,
+            help="Seconds a difference must persist to count as drift (0: repair at once).",
+        ),
+    ] = 5.0,
+    report_file: Annotated[
+        Path | None, typer.Option("--report", help="Write the report as JSON to this file.")
+    ] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
+) -> None:
+    """Prove snapshots equal the database by checksums; repair only what drifted.
+
+    Exit code: 0 every target in sync, 3 drift found (and repaired, unless --dry-run),
+    1 any target failed (failure wins over drift), 2 bad arguments or settings.
+    """
+    from storage_builder.cli import settings_of
+    from storage_builder.metrics import write_job_metrics
+
+    settings = settings_of(ctx)
+    options = ReconcileOptions(dry_run=dry_run, grace_s=grace, parallel=parallel)
+    console = Console(stderr=True)
+    with Reconciler(settings, options) as reconciler:
+        targets = select_targets(
+            settings,
+            datasets=dataset,
+            clients=client,
+            every=every,
+            store=reconciler.store,
+            registry=reconciler.registry,
+        )
+        log.info("reconciling %d targets (parallel %d, grace %.1fs)", len(targets), parallel, grace)
+        progress = Progress(
+            TextColumn("reconcile"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[drift]}"),
+            TimeElapsedColumn(),
+            console=console,
+            disable=quiet,
+        )
+        task = progress.add_task("reconcile", total=len(targets), drift="")
+        drifted = {"targets": 0}
+
+        def on_done(target: TargetReport) -> None:
+            drifted["targets"] += target.outcome != IN_SYNC
+            progress.update(task, advance=1, drift=f"{drifted['targets']} not in sync")
+
+        with progress:
+            report = reconciler.run(targets, on_done=on_done)
+
+    # A log file or a scheduler's mail is not a terminal: keep the table readable there.
+    out = Console()
+    render_table(report, out if out.is_terminal else Console(width=160))
+    if report_file is not None:
+        write_json(report, report_file)
+    if not dry_run:
+        write_job_metrics(
+            "reconcile",
+            succeeded=report.exit_code != EXIT_FAILED,
+            duration_s=report.seconds,
+            targets=report.counts(),
+            drift_rows=report.drift_rows(),
+        )
+    raise typer.Exit(report.exit_code)

@@ -1,0 +1,416 @@
+"""Reconciliation against the real stack: drift made on purpose is found and repaired.
+
+Each test bootstraps a 300-row target in six segments, breaks it one way, reconciles, and
+checks the outcome, what was written, and that the snapshot then equals the database.
+"""
+
+from __future__ import annotations
+
+import psycopg
+import pytest
+from reconcile_helpers import (
+    ROWS,
+    SEGMENT_ROWS,
+    assert_snapshot_equals_database,
+    database_rows,
+    snapshot_rows,
+)
+
+from bootstrap.bench import seed_target
+from bootstrap.reconcile import ReconcileOptions, Reconciler
+from bootstrap.reconcile_report import (
+    BY_BOOTSTRAP,
+    BY_REINDEX,
+    BY_SEGMENTS,
+    DRIFT,
+    EXIT_DRIFT,
+    EXIT_IN_SYNC,
+    IN_SYNC,
+    REPAIRED,
+    TargetReport,
+)
+from bootstrap.snapshot import bootstrap_target
+from schemas.datasets import Target, get_dataset
+from snapshots.manifest import SourcePosition
+from snapshots.publish import SnapshotWriter
+from snapshots.segments import encode_segment, iter_segment_rows
+from storage_builder.settings import Settings
+
+CONSUMER_OFFSETS = {"sb.public.raw_data:3": 41_000}
+
+
+def _move_offsets_past(writer: SnapshotWriter, target: Target) -> None:
+    """Publish the same segments with the consumer's offsets far ahead, as if it had
+    streamed past changes it never applied."""
+    state = writer.registry.get(target)
+    assert state is not None
+    manifest = writer.load_manifest(state, target)
+    position = SourcePosition(
+        pg_snapshot=state.source_position.pg_snapshot, offsets=CONSUMER_OFFSETS
+    )
+    writer.publish(target, state.version, manifest.segments, position)
+
+
+def _version(writer: SnapshotWriter, target: Target) -> int:
+    state = writer.registry.get(target)
+    assert state is not None
+    return state.version
+
+
+def test_a_target_in_sync_reads_no_segment_and_writes_nothing(
+    bootstrapped: Target, reconciler: Reconciler, writer: SnapshotWriter
+) -> None:
+    version = _version(writer, bootstrapped)
+    read: list[str] = []
+    get = reconciler.store.get
+
+    def recording_get(key: str) -> bytes:
+        read.append(key)
+        return get(key)
+
+    reconciler.store.get = recording_get  # type: ignore[method-assign]
+
+    report = reconciler.run([bootstrapped])
+
+    target = report.targets[0]
+    assert (target.outcome, target.rows, target.segments_read) == (IN_SYNC, ROWS, 0)
+    assert [key for key in read if "/segments/" in key] == []
+    assert reconciler.store.bytes_written == 0
+    assert _version(writer, bootstrapped) == version
+    assert report.exit_code == EXIT_IN_SYNC
+
+
+def test_rows_changed_behind_the_consumers_offsets_are_repaired_in_place(
+    bootstrapped: Target,
+    pg: psycopg.Connection,
+    reconciler: Reconciler,
+    writer: SnapshotWriter,
+    small_settings: Settings,
+) -> None:
+    _move_offsets_past(writer, bootstrapped)
+    client = bootstrapped.client_id
+    # Keys 12, 13 and 14 share the first segment (1-50), 120 is in the third, 280 and the
+    # new 5000 in the last (251 on); 120 is deleted and inserted again with other values.
+    pg.execute(
+        "UPDATE raw_data SET currency = 'XTS' WHERE client_id = %s AND id IN (12, 280)", [client]
+    )
+    pg.execute("DELETE FROM raw_data WHERE client_id = %s AND id IN (13, 14)", [client])
+    pg.execute(
+        "INSERT INTO raw_data (id, client_id, entity_id, data_item_id, period, value, currency, "
+        "recorded_at) VALUES (5000, %s, 1, 2, '2024-02-29', NULL, NULL, now())",
+        [client],
+    )
+    pg.execute("DELETE FROM raw_data WHERE client_id = %s AND id = 120", [client])
+    pg.execute(
+        "INSERT INTO raw_data (id, client_id, entity_id, data_item_id, period, value, currency, "
+        "recorded_at) VALUES (120, %s, 9, 9, '1999-12-31', -0.000001, 'é€', now())",
+        [client],
+    )
+    version = _version(writer, bootstrapped)
+
+    report = reconciler.run([bootstrapped])
+
+    target = report.targets[0]
+    assert (target.outcome, target.method) == (REPAIRED, BY_SEGMENTS)
+    assert (target.rows_added, target.rows_changed, target.rows_removed) == (1, 3, 2)
+    # Segments 1-50, 101-150 and 251-: three of six, the others are carried over.
+    assert target.segments_rewritten == 3
+    assert target.segments_read == 3
+    assert report.exit_code == EXIT_DRIFT
+    assert_snapshot_equals_database(pg, small_settings, bootstrapped)
+
+    state = writer.registry.get(bootstrapped)
+    assert state is not None and state.version == version + 1
+    assert state.source_position.offsets == CONSUMER_OFFSETS
+
+    again = reconciler.run([bootstrapped])
+    assert again.targets[0].outcome == IN_SYNC
+
+
+def test_a_deleted_segment_object_is_found_without_reading_and_rebuilt(
+    bootstrapped: Target,
+    pg: psycopg.Connection,
+    reconciler: Reconciler,
+    writer: SnapshotWriter,
+    small_settings: Settings,
+) -> None:
+    state = writer.registry.get(bootstrapped)
+    assert state is not None
+    segment = writer.load_manifest(state, bootstrapped).segments[2]
+    writer.store.delete_many([segment.key])
+
+    report = reconciler.run([bootstrapped])
+
+    target = report.targets[0]
+    assert (target.outcome, target.method) == (REPAIRED, BY_BOOTSTRAP)
+    assert segment.key in (target.reason or "") and "missing" in (target.reason or "")
+    assert_snapshot_equals_database(pg, small_settings, bootstrapped)
+    assert reconciler.run([bootstrapped]).targets[0].outcome == IN_SYNC
+
+
+def test_a_segment_with_an_extra_row_loses_it(
+    bootstrapped: Target,
+    pg: psycopg.Connection,
+    reconciler: Reconciler,
+    writer: SnapshotWriter,
+    small_settings: Settings,
+) -> None:
+    # A published segment holding a row the database never had (a delete that was lost).
+    extra = dict(database_rows(pg, bootstrapped)[60], id=10_000, row_version=1)
+    state = writer.registry.get(bootstrapped)
+    assert state is not None
+    writer.apply_changes(bootstrapped, {10_000: extra}, [], state.source_position, expected=state)
+    assert len(snapshot_rows(small_settings, bootstrapped)) == ROWS + 1
+
+    report = reconciler.run([bootstrapped])
+
+    target = report.targets[0]
+    assert (target.outcome, target.method) == (REPAIRED, BY_SEGMENTS)
+    assert (target.rows_added, target.rows_changed, target.rows_removed) == (0, 0, 1)
+    assert target.segments_rewritten == 1
+    assert_snapshot_equals_database(pg, small_settings, bootstrapped)
+
+
+def test_a_segment_object_that_does_not_match_its_manifest_is_rebuilt(
+    bootstrapped: Target,
+    pg: psycopg.Connection,
+    reconciler: Reconciler,
+    writer: SnapshotWriter,
+    small_settings: Settings,
+) -> None:
+    # The object under a published key is replaced by one holding an extra row.
+    state = writer.registry.get(bootstrapped)
+    assert state is not None
+    segment = writer.load_manifest(state, bootstrapped).segments[1]
+    rows = list(iter_segment_rows(writer.store.get(segment.key)))
+    rows.insert(1, dict(rows[0], id=rows[0]["id"] + 1_000_000_000, row_version=1))
+    rows.sort(key=lambda row: row["id"])
+    forged = encode_segment(
+        get_dataset("raw_data"), rows, codec="null", block_rows=10, client_id=bootstrapped.client_id
+    )
+    writer.store.put(segment.key, forged.data)
+
+    report = reconciler.run([bootstrapped])
+
+    target = report.targets[0]
+    assert (target.outcome, target.method) == (REPAIRED, BY_BOOTSTRAP)
+    assert_snapshot_equals_database(pg, small_settings, bootstrapped)
+
+
+def test_a_deleted_manifest_falls_back_to_a_bootstrap(
+    bootstrapped: Target,
+    pg: psycopg.Connection,
+    reconciler: Reconciler,
+    writer: SnapshotWriter,
+    small_settings: Settings,
+) -> None:
+    pg.execute(
+        "UPDATE raw_data SET currency = 'XTS' WHERE client_id = %s AND id = 7",
+        [bootstrapped.client_id],
+    )
+    state = writer.registry.get(bootstrapped)
+    assert state is not None
+    writer.store.delete_many([state.manifest_key])
+
+    report = reconciler.run([bootstrapped])
+
+    target = report.targets[0]
+    assert (target.outcome, target.method) == (REPAIRED, BY_BOOTSTRAP)
+    assert state.manifest_key in (target.reason or "")
+    assert _version(writer, bootstrapped) == state.version + 1
+    assert_snapshot_equals_database(pg, small_settings, bootstrapped)
+
+
+def test_a_flushed_registry_is_rebuilt_from_s3_before_comparing(
+    bootstrapped: Target,
+    pg: psycopg.Connection,
+    reconciler: Reconciler,
+    writer: SnapshotWriter,
+    small_settings: Settings,
+) -> None:
+    before = writer.registry.get(bootstrapped)
+    pg.execute(
+        "UPDATE raw_data SET currency = 'XTS' WHERE client_id = %s AND id = 77",
+        [bootstrapped.client_id],
+    )
+    client = writer.registry.client
+    client.delete(*client.keys(small_settings.redis.key_prefix + "*"))
+    assert writer.registry.get(bootstrapped) is None
+
+    report = reconciler.run([bootstrapped])
+
+    target = report.targets[0]
+    assert target.registry_rebuilt
+    assert (target.outcome, target.method, target.rows_changed) == (REPAIRED, BY_SEGMENTS, 1)
+    assert before is not None and target.version_before == before.version
+    assert_snapshot_equals_database(pg, small_settings, bootstrapped)
+    assert list(writer.registry.targets()) == [bootstrapped]
+
+
+def test_a_flushed_registry_alone_counts_as_repaired(
+    bootstrapped: Target, reconciler: Reconciler, writer: SnapshotWriter, small_settings: Settings
+) -> None:
+    client = writer.registry.client
+    client.delete(*client.keys(small_settings.redis.key_prefix + "*"))
+
+    report = reconciler.run([bootstrapped])
+
+    target = report.targets[0]
+    assert (target.outcome, target.method, target.drift_rows) == (REPAIRED, BY_REINDEX, 0)
+    assert report.exit_code == EXIT_DRIFT
+    assert writer.registry.get(bootstrapped) is not None
+
+
+def test_a_dry_run_reports_drift_and_writes_nothing(
+    bootstrapped: Target, pg: psycopg.Connection, small_settings: Settings, writer: SnapshotWriter
+) -> None:
+    before = snapshot_rows(small_settings, bootstrapped)
+    version = _version(writer, bootstrapped)
+    pg.execute("DELETE FROM raw_data WHERE client_id = %s AND id = 200", [bootstrapped.client_id])
+
+    with Reconciler(small_settings, ReconcileOptions(dry_run=True)) as reconciler:
+        report = reconciler.run([bootstrapped])
+        written = reconciler.store.bytes_written
+
+    target = report.targets[0]
+    assert (target.outcome, target.rows_removed) == (DRIFT, 1)
+    assert report.exit_code == EXIT_DRIFT
+    assert written == 0
+    assert _version(writer, bootstrapped) == version
+    assert snapshot_rows(small_settings, bootstrapped) == before
+
+
+def test_a_target_without_a_snapshot_is_bootstrapped(
+    target: Target, pg: psycopg.Connection, reconciler: Reconciler, small_settings: Settings
+) -> None:
+    report = reconciler.run([target])
+
+    result = report.targets[0]
+    assert (result.outcome, result.method, result.rows) == (REPAIRED, BY_BOOTSTRAP, ROWS)
+    assert_snapshot_equals_database(pg, small_settings, target)
+
+
+def test_a_target_whose_rows_were_all_deleted_is_emptied(
+    bootstrapped: Target, pg: psycopg.Connection, reconciler: Reconciler, small_settings: Settings
+) -> None:
+    pg.execute("DELETE FROM raw_data WHERE client_id = %s", [bootstrapped.client_id])
+
+    report = reconciler.run([bootstrapped])
+
+    target = report.targets[0]
+    assert (target.outcome, target.rows_removed) == (REPAIRED, ROWS)
+    assert snapshot_rows(small_settings, bootstrapped) == []
+
+
+def test_a_target_empty_on_both_sides_is_in_sync(client_id: int, reconciler: Reconciler) -> None:
+    report = reconciler.run([Target("formulas", client_id)])
+
+    assert report.targets[0].outcome == IN_SYNC
+    assert reconciler.store.bytes_written == 0
+
+
+def test_a_publish_racing_the_repair_is_never_overwritten(
+    bootstrapped: Target,
+    pg: psycopg.Connection,
+    reconciler: Reconciler,
+    writer: SnapshotWriter,
+    small_settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    client = bootstrapped.client_id
+    pg.execute("UPDATE raw_data SET currency = 'XTS' WHERE client_id = %s AND id = 30", [client])
+    apply_changes = reconciler.writer.apply_changes
+    raced: list[int] = []
+
+    def consumer_publishes_first(target, upserts, deletes, position, expected):
+        if not raced:
+            # The consumer applies a change of its own and publishes, with a newer offset,
+            # between the reconciliation's comparison and its publish.
+            pg.execute(
+                "UPDATE raw_data SET currency = 'XAU' WHERE client_id = %s AND id = 31", [client]
+            )
+            row = next(r for r in database_rows(pg, target) if r["id"] == 31)
+            moved = SourcePosition(offsets={"sb.public.raw_data:0": 99})
+            result = writer.apply_changes(target, {31: row}, [], moved, expected=expected)
+            raced.append(result.manifest.version)
+        return apply_changes(target, upserts, deletes, position, expected)
+
+    monkeypatch.setattr(reconciler.writer, "apply_changes", consumer_publishes_first)
+
+    report = reconciler.run([bootstrapped])
+
+    target = report.targets[0]
+    assert (target.outcome, target.attempts, target.rows_changed) == (REPAIRED, 2, 1)
+    assert target.version_after == raced[0] + 1
+    state = writer.registry.get(bootstrapped)
+    assert state is not None
+    assert state.source_position.offsets == {"sb.public.raw_data:0": 99}
+    assert_snapshot_equals_database(pg, small_settings, bootstrapped)
+
+
+def test_rows_that_change_during_the_grace_period_are_left_to_the_consumer(
+    bootstrapped: Target,
+    pg: psycopg.Connection,
+    reconciler: Reconciler,
+    small_settings: Settings,
+) -> None:
+    client = bootstrapped.client_id
+    pg.execute(
+        "UPDATE raw_data SET currency = 'XTS' WHERE client_id = %s AND id IN (3, 4)", [client]
+    )
+    first = TargetReport(bootstrapped)
+    seen = reconciler.reconcile_target(bootstrapped, first, repair=False)
+    assert first.outcome == DRIFT and seen is not None and sorted(seen) == [3, 4]
+
+    # Row 4 changes again: a change still on its way through the stream, not drift.
+    pg.execute("UPDATE raw_data SET currency = 'XAG' WHERE client_id = %s AND id = 4", [client])
+    second = TargetReport(bootstrapped)
+    reconciler.reconcile_target(bootstrapped, second, repair=True, confirm=seen)
+
+    assert (second.outcome, second.rows_changed, second.rows_in_flight) == (REPAIRED, 1, 1)
+    snapshot = {row["id"]: row for row in snapshot_rows(small_settings, bootstrapped)}
+    database = {row["id"]: row for row in database_rows(pg, bootstrapped)}
+    assert snapshot[3] == database[3]
+    assert snapshot[4] != database[4]
+
+
+def test_bisection_narrows_to_the_rows_in_a_large_segment(
+    target: Target, pg: psycopg.Connection, settings: Settings, writer: SnapshotWriter
+) -> None:
+    pg.execute("DELETE FROM raw_data WHERE client_id = %s", [target.client_id])
+    seed_target(pg, target, 20_000)
+    bootstrap_target(target, settings)
+    pg.execute(
+        "UPDATE raw_data SET currency = 'XTS' WHERE client_id = %s AND id IN (5, 17777)",
+        [target.client_id],
+    )
+
+    with Reconciler(settings, ReconcileOptions(parallel=1)) as reconciler:
+        report = reconciler.run([target])
+
+    result = report.targets[0]
+    assert (result.outcome, result.rows_changed, result.segments_rewritten) == (REPAIRED, 2, 1)
+    assert_snapshot_equals_database(pg, settings, target)
+
+
+def test_segments_are_small_enough_to_tell_rewrites_apart(
+    bootstrapped: Target, writer: SnapshotWriter
+) -> None:
+    state = writer.registry.get(bootstrapped)
+    assert state is not None
+    segments = writer.load_manifest(state, bootstrapped).segments
+    assert len(segments) == ROWS // SEGMENT_ROWS
+
+
+def test_a_dry_run_reports_a_flushed_registry_without_rebuilding_it(
+    bootstrapped: Target, small_settings: Settings, writer: SnapshotWriter
+) -> None:
+    client = writer.registry.client
+    client.delete(*client.keys(small_settings.redis.key_prefix + "*"))
+
+    with Reconciler(small_settings, ReconcileOptions(dry_run=True)) as reconciler:
+        report = reconciler.run([bootstrapped])
+
+    target = report.targets[0]
+    assert (target.outcome, target.method, target.rows) == (DRIFT, BY_REINDEX, ROWS)
+    assert writer.registry.get(bootstrapped) is None
