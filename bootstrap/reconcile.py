@@ -415,8 +415,11 @@ class Reconciler:
         if mismatched:
             spans = [(segment, _total(found)) for segment, _, found in mismatched]
             self._check_extent(manifest, spans, comparison.rows)
-        for segment, block_bounds, found in mismatched:
-            ranges.extend(self._segment_ranges(conn, target, segment, block_bounds, found))
+        # The mismatching segments are fetched together: one round trip of latency, not one
+        # per segment.
+        fetched = self._fetch([segment for segment, _, _ in mismatched])
+        for (segment, block_bounds, found), data in zip(mismatched, fetched, strict=True):
+            ranges.extend(self._segment_ranges(target, segment, data, block_bounds, found))
         comparison.segments_read = len(mismatched)
         if not ranges:
             return comparison
@@ -462,11 +465,25 @@ class Reconciler:
                     f"segment {segment.key} has {size} bytes, its manifest says {segment.bytes}"
                 )
 
+    def _fetch(self, segments: list[SegmentEntry]) -> list[bytes | Exception]:
+        """The objects of ``segments``, read concurrently; a failed read gives its error."""
+
+        def get(segment: SegmentEntry) -> bytes | Exception:
+            try:
+                return self.store.get(segment.key)
+            except ObjectStoreError as error:
+                return error
+
+        if len(segments) < 2:
+            return [get(segment) for segment in segments]
+        with ThreadPoolExecutor(min(len(segments), 8), thread_name_prefix="fetch") as pool:
+            return list(pool.map(get, segments))
+
     def _segment_ranges(
         self,
-        conn: psycopg.Connection,
         target: Target,
         segment: SegmentEntry,
+        data: bytes | Exception,
         block_bounds: list[tuple[int | None, int | None]],
         found: list[RangeSum],
     ) -> list[tuple[KeyRange, RangeSum]]:
@@ -478,7 +495,8 @@ class Reconciler:
         manifest does is decoded whole and compared as one range.
         """
         try:
-            data = self.store.get(segment.key)
+            if isinstance(data, Exception):
+                raise data
             blocks = _header_blocks(data, segment)
         except (ObjectStoreError, SnapshotFormatError, ValueError, KeyError) as error:
             raise _Rebuild(f"segment {segment.key} cannot be read: {error}") from None
