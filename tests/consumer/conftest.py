@@ -8,36 +8,17 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Iterator
 
 import psycopg
 import pytest
 from confluent_kafka.admin import AdminClient, NewTopic
-from consumer_harness import ROOT, ConsumerProcess, write_toml
+from consumer_harness import ROOT, consumers  # noqa: F401 (a fixture, re-exported)
 from pydantic import SecretStr
 
 from schemas.datasets import DATASETS
 from schemas.source import apply_schema
 from storage_builder.settings import Settings
-
-
-@pytest.fixture
-def consumers(tmp_path: Path) -> Iterator[Callable[[Settings, str], ConsumerProcess]]:
-    """A factory of consumer subprocesses; all are stopped at the end of the test."""
-    started: list[ConsumerProcess] = []
-
-    def make(settings: Settings, name: str = "c1") -> ConsumerProcess:
-        config = write_toml(settings, tmp_path / f"{name}-{uuid.uuid4().hex[:6]}.toml")
-        process = ConsumerProcess(
-            config, tmp_path / f"{name}.log", f"{name}-{uuid.uuid4().hex[:6]}"
-        )
-        started.append(process)
-        return process
-
-    yield make
-    for process in started:
-        process.stop()
 
 
 def _connect_request(settings: Settings, method: str, path: str, body: object = None) -> object:

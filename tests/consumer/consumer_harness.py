@@ -13,6 +13,7 @@ import signal
 import subprocess
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -185,3 +186,21 @@ def insert_rows(
     )
     with pg.transaction(), pg.cursor() as cursor:
         cursor.executemany(statement, [sample.row(key) for key in keys])
+
+
+@pytest.fixture
+def consumers(tmp_path: Path) -> Iterator[Callable[[Settings, str], ConsumerProcess]]:
+    """A factory of `storage-builder consume` subprocesses; all are stopped at the end."""
+    started: list[ConsumerProcess] = []
+
+    def make(settings: Settings, name: str = "c1") -> ConsumerProcess:
+        config = write_toml(settings, tmp_path / f"{name}-{uuid.uuid4().hex[:6]}.toml")
+        process = ConsumerProcess(
+            config, tmp_path / f"{name}.log", f"{name}-{uuid.uuid4().hex[:6]}"
+        )
+        started.append(process)
+        return process
+
+    yield make
+    for process in started:
+        process.stop()

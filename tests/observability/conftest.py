@@ -8,37 +8,18 @@ pytest does when it collects the consumer's tests.
 from __future__ import annotations
 
 import sys
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "consumer"))
 
-from consumer_harness import ConsumerProcess, write_toml  # noqa: E402
+from consumer_harness import consumers  # noqa: E402, F401 (a fixture, re-exported)
 
 from storage_builder.settings import Settings  # noqa: E402
 
 from .live import TcpProxy  # noqa: E402
-
-
-@pytest.fixture
-def consumers(tmp_path: Path) -> Iterator[Callable[[Settings, str], ConsumerProcess]]:
-    """A factory of `storage-builder consume` subprocesses; all are stopped at the end."""
-    started: list[ConsumerProcess] = []
-
-    def make(settings: Settings, name: str = "c1") -> ConsumerProcess:
-        config = write_toml(settings, tmp_path / f"{name}-{uuid.uuid4().hex[:6]}.toml")
-        process = ConsumerProcess(
-            config, tmp_path / f"{name}.log", f"{name}-{uuid.uuid4().hex[:6]}"
-        )
-        started.append(process)
-        return process
-
-    yield make
-    for process in started:
-        process.stop()
 
 
 @pytest.fixture

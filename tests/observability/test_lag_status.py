@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from consumer.lag import (
@@ -20,9 +22,9 @@ WINDOW = 60.0
 
 
 def sample(
-    committed: int | None, end: int, owned: bool = True, start: int = 0, **extra: object
+    committed: int | None, end: int, owned: bool = True, start: int = 0, **extra: Any
 ) -> PartitionSample:
-    return PartitionSample(TOPIC, 0, committed, start, end, owned, **extra)  # type: ignore[arg-type]
+    return PartitionSample(TOPIC, 0, committed, start, end, owned, **extra)
 
 
 def series(*points: tuple[float, PartitionSample]) -> list[Observation]:
