@@ -438,6 +438,16 @@ class Coordinator:
                 for future in as_completed(futures):
                     result = future.result()
                     results.append(result)
+                    if result.outcome == BOOTSTRAPPED:
+                        log.info(
+                            "bootstrapped %s: version %s, %d rows, %d bytes, %.2fs",
+                            result.target,
+                            result.version,
+                            result.rows,
+                            result.bytes,
+                            result.seconds,
+                            extra={"target": str(result.target), "version": result.version},
+                        )
                     if self.on_result is not None:
                         self.on_result(result)
         finally:

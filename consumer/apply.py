@@ -27,7 +27,7 @@ from functools import lru_cache
 
 import psycopg
 
-from bootstrap.snapshot import bootstrap_target
+from bootstrap.snapshot import BootstrapResult, bootstrap_target
 from consumer.batching import TargetBatch
 from consumer.handoff import PgSnapshot
 from consumer.offsets import advance, is_replay
@@ -110,7 +110,7 @@ def unappliable_rows(batch: TargetBatch, snapshot: SnapshotSettings) -> dict[int
     return refused
 
 
-Bootstrapper = Callable[..., object]
+Bootstrapper = Callable[..., BootstrapResult]
 
 
 class Applier:
@@ -249,14 +249,23 @@ class Applier:
                 metrics.COMMIT_TO_PUBLISH.observe(latency)
         if self._on_published is not None:
             self._on_published(batch, published_at)
+        seconds = time.monotonic() - started
         log.info(
-            "applied %d changes (%d events) to %s: version %d, %d segments rewritten",
-            len(batch),
-            batch.events,
+            "published %s version %d (%d rows changed by %d events, %d segments rewritten, %.3fs)",
             target,
             result.manifest.version,
+            len(batch),
+            batch.events,
             result.segments_rewritten,
-            extra={"target": str(target), "version": result.manifest.version},
+            seconds,
+            extra={
+                "dataset": target.dataset,
+                "client_id": target.client_id,
+                "version": result.manifest.version,
+                "rows_changed": len(batch),
+                "segments_rewritten": result.segments_rewritten,
+                "seconds": round(seconds, 3),
+            },
         )
         return result.manifest.version
 
@@ -264,8 +273,16 @@ class Applier:
         """Bootstrap ``target`` inline and return its new state (or a racing writer's)."""
         log.info("bootstrapping %s inline%s", target, " (forced)" if force else "")
         try:
-            self._bootstrapper(
+            result = self._bootstrapper(
                 target, self.settings, force=force, writer=self.writer, conn=self._connection()
+            )
+            log.info(
+                "published %s version %s (bootstrapped inline: %d rows, %.3fs)",
+                target,
+                result.version,
+                result.rows,
+                result.seconds,
+                extra={"target": str(target), "version": result.version},
             )
         except PublishConflict:
             # Someone else published a version while we read: theirs is as good a start.

@@ -191,7 +191,8 @@ class SnapshotWriter:
             self._discard(key, target)
             raise
         crash_point("after_registry")
-        log.info(
+        # The job that publishes logs the one INFO line per publish, with what it changed.
+        log.debug(
             "published %s version %d (%d segments, %d rows)",
             target,
             version,
