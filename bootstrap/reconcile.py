@@ -131,6 +131,7 @@ class _Comparison:
     """What one comparison of a target found."""
 
     state: TargetState | None
+    manifest: Manifest | None = None
     rows: int = 0
     differences: list[RowDifference] = field(default_factory=list)
     segments_read: int = 0
@@ -313,9 +314,8 @@ class Reconciler:
                 report.outcome = DRIFT
                 return {difference.key: difference.versions for difference in differences}
 
-            assert comparison.state is not None
             try:
-                self._repair(target, comparison.state, differences, report)
+                self._repair(target, comparison, differences, report)
             except PublishConflict as conflict:
                 # The consumer published meanwhile: compare again, its publish may hold the fix.
                 log.warning("%s; comparing %s again (attempt %d)", conflict, target, attempt)
@@ -397,7 +397,7 @@ class Reconciler:
         blocks = [_block_bounds(segment) for segment in segments]
         bounds = [lo for per_segment in blocks for lo, _ in per_segment if lo is not None]
         buckets = segment_sums(conn, target, bounds)
-        comparison = _Comparison(state, rows=sum(found.rows for found in buckets))
+        comparison = _Comparison(state, manifest, rows=sum(found.rows for found in buckets))
         if manifest is None:
             if comparison.rows:
                 raise _Rebuild("no snapshot (no registry entry, no manifest in S3)")
@@ -537,16 +537,24 @@ class Reconciler:
     def _repair(
         self,
         target: Target,
-        state: TargetState,
+        comparison: _Comparison,
         differences: list[RowDifference],
         report: TargetReport,
     ) -> None:
-        """Step 5: rewrite the segments holding the differences; publish over ``state``."""
+        """Step 5: rewrite the segments holding the differences; publish over the compared
+        state, from the manifest already read for the comparison."""
+        state = comparison.state
+        assert state is not None
         upserts = {d.key: d.row for d in differences if d.row is not None}
         deletes = [d.key for d in differences if d.row is None]
         # The source position stays the consumer's: every change after it is still applied.
         result = self.writer.apply_changes(
-            target, upserts, deletes, state.source_position, expected=state
+            target,
+            upserts,
+            deletes,
+            state.source_position,
+            expected=state,
+            manifest=comparison.manifest,
         )
         report.outcome, report.method = REPAIRED, BY_SEGMENTS
         report.segments_rewritten = result.segments_rewritten

@@ -232,7 +232,7 @@ class SnapshotWriter:
 
         Only the segments whose key ranges the changes touch are read and rewritten; every
         other segment entry is carried over unchanged. ``manifest``, when the caller kept
-        the manifest of ``expected`` (it published it), saves reading it again.
+        the manifest of ``expected`` (it published or read it), saves reading it again.
         """
         dataset = get_dataset(target.dataset)
         _check_rows(target, dataset.client_column, upserts)

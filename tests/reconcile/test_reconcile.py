@@ -322,7 +322,7 @@ def test_a_publish_racing_the_repair_is_never_overwritten(
     apply_changes = reconciler.writer.apply_changes
     raced: list[int] = []
 
-    def consumer_publishes_first(target, upserts, deletes, position, expected):
+    def consumer_publishes_first(target, upserts, deletes, position, expected, **options):
         if not raced:
             # The consumer applies a change of its own and publishes, with a newer offset,
             # between the reconciliation's comparison and its publish.
@@ -333,7 +333,7 @@ def test_a_publish_racing_the_repair_is_never_overwritten(
             moved = SourcePosition(offsets={"sb.public.raw_data:0": 99})
             result = writer.apply_changes(target, {31: row}, [], moved, expected=expected)
             raced.append(result.manifest.version)
-        return apply_changes(target, upserts, deletes, position, expected)
+        return apply_changes(target, upserts, deletes, position, expected, **options)
 
     monkeypatch.setattr(reconciler.writer, "apply_changes", consumer_publishes_first)
 
