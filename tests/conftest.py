@@ -20,6 +20,7 @@ from pathlib import Path
 import psycopg
 import pytest
 import redis
+from settings_file import write_settings
 
 from schemas.source import ensure_schema
 from storage_builder.settings import Settings, load_settings
@@ -68,38 +69,7 @@ def settings(base_settings: Settings) -> Settings:
 @pytest.fixture
 def config_file(settings: Settings, tmp_path: Path) -> Path:
     """A TOML file holding this test's settings, for subprocesses of `storage-builder`."""
-    path = tmp_path / "settings.toml"
-    path.write_text(settings_to_toml(settings))
-    return path
-
-
-def settings_to_toml(settings: Settings) -> str:
-    """The settings as TOML, secrets included (test files only: never print this)."""
-    lines: list[str] = []
-    for section, values in settings.model_dump().items():
-        lines.append(f"[{section}]")
-        for name, value in values.items():
-            if value is None:
-                continue
-            if hasattr(value, "get_secret_value"):
-                value = value.get_secret_value()
-            if isinstance(value, dict):
-                inner = ", ".join(f'"{k}" = "{v}"' for k, v in value.items())
-                lines.append(f"{name} = {{ {inner} }}")
-            else:
-                lines.append(f"{name} = {_toml_value(value)}")
-        lines.append("")
-    return "\n".join(lines)
-
-
-def _toml_value(value: object) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return str(value)
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
-    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return write_settings(settings, tmp_path / "settings.toml")
 
 
 @pytest.fixture

@@ -19,6 +19,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from settings_file import write_settings
 
 from bootstrap.verify import verify_target
 from schemas.datasets import DATASETS, Target
@@ -28,31 +29,6 @@ from storage_builder.settings import Settings
 ROOT = Path(__file__).resolve().parents[2]
 CLI = ROOT / ".venv" / "bin" / "storage-builder"
 READY_LINE = "ready: "
-
-
-def toml_value(value: Any) -> str:
-    if hasattr(value, "get_secret_value"):
-        value = value.get_secret_value()
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, list):
-        return "[" + ", ".join(toml_value(item) for item in value) + "]"
-    if isinstance(value, dict):
-        return "{ " + ", ".join(f'"{k}" = {toml_value(v)}' for k, v in value.items()) + " }"
-    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-def write_toml(settings: Settings, path: Path) -> Path:
-    lines = []
-    for section in type(settings).model_fields:
-        lines.append(f"[{section}]")
-        for name, value in getattr(settings, section):
-            if value is not None:
-                lines.append(f"{name} = {toml_value(value)}")
-    path.write_text("\n".join(lines) + "\n")
-    return path
 
 
 def consumer_settings(settings: Settings, clients: list[int], **consumer: Any) -> Settings:
@@ -194,7 +170,7 @@ def consumers(tmp_path: Path) -> Iterator[Callable[[Settings, str], ConsumerProc
     started: list[ConsumerProcess] = []
 
     def make(settings: Settings, name: str = "c1") -> ConsumerProcess:
-        config = write_toml(settings, tmp_path / f"{name}-{uuid.uuid4().hex[:6]}.toml")
+        config = write_settings(settings, tmp_path / f"{name}-{uuid.uuid4().hex[:6]}.toml")
         process = ConsumerProcess(
             config, tmp_path / f"{name}.log", f"{name}-{uuid.uuid4().hex[:6]}"
         )

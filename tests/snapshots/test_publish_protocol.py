@@ -11,6 +11,7 @@ from typing import Any
 import botocore.exceptions
 import pytest
 from pydantic import SecretStr
+from settings_file import write_settings
 
 from schemas.datasets import DATASETS, Target
 from snapshots import keys as object_keys
@@ -240,19 +241,6 @@ writer.publish(target, state.version, entries, SourcePosition(offsets={"t:0": 99
 """
 
 
-def _service_toml(settings: Settings, path: Path) -> Path:
-    s3, redis_settings = settings.s3, settings.redis
-    secret = s3.secret_access_key.get_secret_value() if s3.secret_access_key else ""
-    path.write_text(
-        f'[s3]\nendpoint_url = "{s3.endpoint_url}"\nbucket = "{s3.bucket}"\n'
-        f'prefix = "{s3.prefix}"\naccess_key_id = "{s3.access_key_id}"\n'
-        f'secret_access_key = "{secret}"\n'
-        f'[redis]\nurl = "{redis_settings.url.get_secret_value()}"\n'
-        f'key_prefix = "{redis_settings.key_prefix}"\n'
-    )
-    return path
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("point", ["after_segments", "after_manifest", "after_registry"])
 def test_a_crash_at_any_point_leaves_one_complete_snapshot(
@@ -264,7 +252,7 @@ def test_a_crash_at_any_point_leaves_one_complete_snapshot(
     point: str,
 ) -> None:
     seed(target, [1, 2, 3])
-    config_file = _service_toml(settings, tmp_path / "services.toml")
+    config_file = write_settings(settings, tmp_path / "services.toml")
     result = subprocess.run(
         [sys.executable, "-c", _CRASHING_PUBLISH, str(config_file), str(target.client_id)],
         env={"SB_CRASH_AT": point, "PATH": ""},

@@ -11,23 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import redis
+from settings_file import write_settings
 
 from schemas.datasets import Target
 from snapshots.publish import SnapshotWriter
 from storage_builder.settings import Settings
-
-
-def _toml(settings: Settings, path: Path) -> Path:
-    s3, registry = settings.s3, settings.redis
-    secret = s3.secret_access_key.get_secret_value() if s3.secret_access_key else ""
-    path.write_text(
-        f'[s3]\nendpoint_url = "{s3.endpoint_url}"\nbucket = "{s3.bucket}"\n'
-        f'prefix = "{s3.prefix}"\naccess_key_id = "{s3.access_key_id}"\n'
-        f'secret_access_key = "{secret}"\n'
-        f'[redis]\nurl = "{registry.url.get_secret_value()}"\n'
-        f'key_prefix = "{registry.key_prefix}"\n'
-    )
-    return path
 
 
 def _run(config: Path, *arguments: str) -> subprocess.CompletedProcess[str]:
@@ -46,7 +34,7 @@ def test_show_export_reindex_gc(
     tmp_path: Path,
 ) -> None:
     seed(target, [3, 1, 2])
-    config = _toml(settings, tmp_path / "services.toml")
+    config = write_settings(settings, tmp_path / "services.toml")
     where = ["--dataset", target.dataset, "--client", str(target.client_id)]
 
     shown = _run(config, "snapshot", "show", *where, "--json")
@@ -76,7 +64,7 @@ def test_show_export_reindex_gc(
 
 
 def test_errors_are_one_line_naming_what_to_change(settings: Settings, tmp_path: Path) -> None:
-    config = _toml(settings, tmp_path / "services.toml")
+    config = write_settings(settings, tmp_path / "services.toml")
     missing = _run(config, "snapshot", "show", "--dataset", "raw_data", "--client", "12345678901")
     assert missing.returncode == 2 and "has no snapshot" in missing.stderr
     bad = _run(config, "snapshot", "show", "--dataset", "raw_data", "--client", "../7")
