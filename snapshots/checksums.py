@@ -38,9 +38,24 @@ def sql_row_hash(key_sql: str, version_sql: str) -> str:
 
     It uses ``mod()`` rather than ``%`` so it can sit in a query that takes parameters.
     """
+    x, y = sql_hash_residues(key_sql, version_sql)
+    return sql_hash_of_residues(x, y)
+
+
+def sql_hash_residues(key_sql: str, version_sql: str) -> tuple[str, str]:
+    """The SQL expressions of the residues ``x`` and ``y`` of :func:`row_hash`."""
     k, v = f"({key_sql})::bigint", f"({version_sql})::bigint"
     x = f"mod((mod({k}, {_P}) + {_P}) * 48271 + mod(mod({v}, {_P}) + {_P}, {_P}), {_P})"
     y = f"mod((mod({k}, {_Q}) + {_Q}) * 69621 + mod(mod({v}, {_Q}) + {_Q}, {_Q}) * 16807 + 1, {_Q})"
+    return x, y
+
+
+def sql_hash_of_residues(x: str, y: str) -> str:
+    """The SQL expression of the hash from its residues, each written twice for its square.
+
+    PostgreSQL evaluates an expression written twice twice: a query that computes the
+    residues once, in a subquery, passes their column names here rather than expressions.
+    """
     return f"(mod({x} * {x}, {_P}) * 2147483648 + mod({y} * {y}, {_Q}))"
 
 
