@@ -3,12 +3,15 @@
 For each target, in this order:
 
 1. The registry entry is read, and rebuilt from the newest manifest in S3 when Redis lost it.
-2. The manifest is read and its segment objects are listed (one LIST, no segment read): a
-   missing manifest, a missing segment object or one of the wrong size cannot be repaired in
-   place, and the target is bootstrapped again instead.
+2. The manifest is read and its segment objects are checked against a listing (the run's
+   listing of the whole dataset, or one LIST of the target; no segment is read): a missing
+   manifest, a missing segment object or one of the wrong size cannot be repaired in place,
+   and the target is bootstrapped again instead.
 3. In a REPEATABLE READ transaction begun *after* step 1, one aggregate query asks
-   PostgreSQL for the row count and checksum of every segment's key range and compares them
-   with the manifest. A target in sync ends here, having read no segment and written nothing.
+   PostgreSQL for the row count and checksum of every block's key range and compares them
+   with the manifest (a large target's upper half of the ranges is summed meanwhile on a
+   second connection importing the same database snapshot). A target in sync ends here,
+   having read no segment and written nothing.
 4. Only mismatching segments are read; their ranges are bisected down to the rows that
    differ (:mod:`bootstrap.bisection`), whose values are read in the same transaction.
 5. The repair rewrites just the segments holding those rows and publishes with the same
@@ -29,18 +32,17 @@ it differed the same way both times; the others are left to the consumer.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, cast
 
-import fastavro
 import psycopg
 import typer
 from psycopg import sql
@@ -55,6 +57,7 @@ from bootstrap.bisection import (
     SnapshotKeys,
     TooManyDifferences,
     find_differences,
+    range_sums,
     segment_sums,
 )
 from bootstrap.reconcile_report import (
@@ -83,7 +86,13 @@ from snapshots.registry import (
     newest_manifest,
     reindex,
 )
-from snapshots.segments import META_BLOCKS, iter_segment_rows, segment_metadata
+from snapshots.segment_cache import SegmentCache
+from snapshots.segments import (
+    META_BLOCKS,
+    block_rows_of,
+    iter_segment_rows,
+    segment_metadata,
+)
 from snapshots.store import ObjectStore
 from storage_builder.errors import (
     ConfigError,
@@ -99,6 +108,14 @@ log = logging.getLogger(__name__)
 
 Versions = tuple[int | None, int | None]
 
+# Enough for the drifted segments of a few targets at once (a segment holds up to 50,000 rows).
+_SEGMENT_CACHE_BYTES = 64 * 1024 * 1024
+
+# A run over this many targets of a dataset lists the dataset's segment objects once...
+_LIST_DATASET_FROM = 20
+# ...unless it holds more than this many (about 150 bytes of memory each).
+_LIST_DATASET_MAX_KEYS = 200_000
+
 REGISTRY_MISSING = "registry entry missing; a run would rebuild it from S3"
 
 
@@ -108,7 +125,9 @@ class ReconcileOptions:
 
     ``grace_s``: how long a difference must persist to count as drift (0: repair what the
     first comparison finds). ``max_repair_rows``: more rows than this to compare row by row
-    and the target is bootstrapped instead of repaired in place.
+    and the target is bootstrapped instead of repaired in place. ``split_rows``: a target
+    with more rows than this has its aggregate run in two halves, on two connections sharing
+    one database snapshot, so that one large target does not leave a core idle.
     """
 
     dry_run: bool = False
@@ -116,6 +135,7 @@ class ReconcileOptions:
     parallel: int = 4
     max_attempts: int = 5
     max_repair_rows: int = 100_000
+    split_rows: int = 200_000
 
 
 class _Rebuild(Exception):
@@ -150,7 +170,8 @@ class Reconciler:
         self.options = options or ReconcileOptions()
         self.root = settings.s3.prefix
         self.writer = writer or SnapshotWriter(
-            ObjectStore(settings.s3),
+            # The segments a comparison reads are kept for the repair that rewrites them.
+            cast(ObjectStore, SegmentCache(ObjectStore(settings.s3), _SEGMENT_CACHE_BYTES)),
             VersionRegistry(settings.redis),
             settings.snapshot,
             self.root,
@@ -159,6 +180,9 @@ class Reconciler:
         self._local = threading.local()
         self._connections: list[psycopg.Connection] = []
         self._lock = threading.Lock()
+        # Work a target runs beside its own thread: an object check, the upper half of a sum.
+        self._beside = ThreadPoolExecutor(2 * self.options.parallel, thread_name_prefix="beside")
+        self._listed: dict[str, dict[str, int]] = {}
 
     @property
     def store(self) -> ObjectStore:
@@ -169,6 +193,7 @@ class Reconciler:
         return self.writer.registry
 
     def close(self) -> None:
+        self._beside.shutdown(wait=True)
         with self._lock:
             for conn in self._connections:
                 conn.close()
@@ -183,20 +208,22 @@ class Reconciler:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _conn(self) -> psycopg.Connection:
-        conn: psycopg.Connection | None = getattr(self._local, "conn", None)
+    def _conn(self, role: str = "conn") -> psycopg.Connection:
+        """This worker thread's connection (``role`` "half": its second one, for halves)."""
+        conn: psycopg.Connection | None = getattr(self._local, role, None)
         if conn is None or conn.closed:
             conn = source.connect(self.settings.postgres.dsn.get_secret_value())
-            self._local.conn = conn
+            setattr(self._local, role, conn)
             with self._lock:
                 self._connections.append(conn)
         return conn
 
     def _drop_conn(self) -> None:
-        conn = getattr(self._local, "conn", None)
-        if conn is not None:
-            conn.close()
-            self._local.conn = None
+        for role in ("conn", "half"):
+            conn = getattr(self._local, role, None)
+            if conn is not None:
+                conn.close()
+                setattr(self._local, role, None)
 
     # The run: one pass, or two around the grace period.
 
@@ -211,6 +238,7 @@ class Reconciler:
         requests_before = self.store.requests
         started = time.monotonic()
         self.registry.ping()
+        self._list_datasets(targets)
         reports = {target: TargetReport(target) for target in targets}
 
         confirm = not options.dry_run and options.grace_s > 0
@@ -261,6 +289,29 @@ class Reconciler:
         with ThreadPoolExecutor(self.options.parallel, thread_name_prefix="reconcile") as pool:
             list(pool.map(one, list(reports)))
         return found
+
+    def _list_datasets(self, targets: Sequence[Target]) -> None:
+        """List the segment objects of each dataset the run covers widely, once: a LIST per
+        target costs more than the comparison of a small target. A dataset holding more
+        objects than the cap is left to per-target LISTs, to keep memory bounded."""
+        self._listed = {}
+        per_dataset = Counter(target.dataset for target in targets)
+        for dataset, count in sorted(per_dataset.items()):
+            if count < _LIST_DATASET_FROM:
+                continue
+            sizes: dict[str, int] = {}
+            for info in self.store.list(object_keys.dataset_prefix(self.root, dataset)):
+                if f"/{object_keys.SEGMENTS}" in info.key:
+                    sizes[info.key] = info.size
+                if len(sizes) > _LIST_DATASET_MAX_KEYS:
+                    log.info(
+                        "%s holds over %d segment objects: listed by target instead",
+                        dataset,
+                        _LIST_DATASET_MAX_KEYS,
+                    )
+                    break
+            else:
+                self._listed[dataset] = sizes
 
     def _failed(self, report: TargetReport, error: Exception) -> None:
         report.outcome = FAILED
@@ -374,12 +425,18 @@ class Reconciler:
         state = self._state(target, report)
         manifest = self._manifest(target, state) if state is not None else None
         report.version_before = state.version if state is not None else None
+        # The objects are checked while PostgreSQL computes the sums; a missing one still
+        # decides before any segment is read.
+        checked = None
         if manifest is not None:
-            self._check_objects(target, manifest)
+            checked = self._beside.submit(self._check_objects, target, manifest)
 
         conn = self._conn()
-        with source.snapshot_transaction(conn):
-            comparison = self._compare_in_snapshot(conn, target, state, manifest)
+        split = manifest is not None and manifest.rows > self.options.split_rows
+        with source.snapshot_transaction(conn, export=split) as snapshot:
+            comparison = self._compare_in_snapshot(
+                conn, target, state, manifest, snapshot.exported_id, checked
+            )
         report.rows = comparison.rows
         report.segments_read += comparison.segments_read
         return comparison
@@ -390,13 +447,17 @@ class Reconciler:
         target: Target,
         state: TargetState | None,
         manifest: Manifest | None,
+        exported_id: str | None,
+        objects_checked: Future[None] | None,
     ) -> _Comparison:
         segments = manifest.segments if manifest is not None else []
         # One bucket per block of every segment: the same single scan then also gives the
         # first level of the bisection of any segment that differs.
         blocks = [_block_bounds(segment) for segment in segments]
         bounds = [lo for per_segment in blocks for lo, _ in per_segment if lo is not None]
-        buckets = segment_sums(conn, target, bounds)
+        buckets = self._bucket_sums(conn, target, bounds, exported_id)
+        if objects_checked is not None:
+            objects_checked.result()
         comparison = _Comparison(state, manifest, rows=sum(found.rows for found in buckets))
         if manifest is None:
             if comparison.rows:
@@ -432,6 +493,25 @@ class Reconciler:
             raise _Rebuild(str(error)) from None
         return comparison
 
+    def _bucket_sums(
+        self,
+        conn: psycopg.Connection,
+        target: Target,
+        bounds: list[int],
+        exported_id: str | None,
+    ) -> list[RangeSum]:
+        """The sums of the ranges the bounds cut; with an exported snapshot, the upper half of
+        them is summed meanwhile on this worker's second connection, importing it."""
+        if exported_id is None or len(bounds) < 2:
+            return segment_sums(conn, target, bounds)
+        edges: list[int | None] = [None, *bounds, None]
+        ranges = list(zip(edges, edges[1:], strict=False))
+        half = len(ranges) // 2
+        upper = self._beside.submit(
+            _sums_in_snapshot, self._conn("half"), exported_id, target, ranges[half:]
+        )
+        return range_sums(conn, target, ranges[:half]) + upper.result()
+
     def _check_extent(
         self,
         manifest: Manifest,
@@ -453,9 +533,15 @@ class Reconciler:
             raise _Rebuild(f"manifest {state.manifest_key} cannot be read: {error}") from None
 
     def _check_objects(self, target: Target, manifest: Manifest) -> None:
-        """Every segment object the manifest names exists with its size: one LIST, no read."""
-        prefix = object_keys.target_prefix(self.root, target) + object_keys.SEGMENTS
-        sizes = {info.key: info.size for info in self.store.list(prefix)}
+        """Every segment object the manifest names exists with its size: no segment is read.
+
+        The run's listing of the dataset answers when it holds them all; otherwise one LIST of
+        the target does (a segment may have been written after the run's listing).
+        """
+        sizes = self._listed.get(target.dataset, {})
+        if any(sizes.get(segment.key) != segment.bytes for segment in manifest.segments):
+            prefix = object_keys.target_prefix(self.root, target) + object_keys.SEGMENTS
+            sizes = {info.key: info.size for info in self.store.list(prefix)}
         for segment in manifest.segments:
             size = sizes.get(segment.key)
             if size is None:
@@ -526,11 +612,10 @@ class Reconciler:
                 if not inside or not held.matches(_entry_sum(segment)):
                     raise _Rebuild(f"segment {segment.key} does not hold what its manifest says")
                 return {0: keys}
-            decoded = {}
-            for index, block in enumerate(fastavro.block_reader(io.BytesIO(data))):
-                if index in wanted:
-                    decoded[index] = SnapshotKeys.of_rows(dataset, block)  # type: ignore[arg-type]
-            return decoded
+            return {
+                index: SnapshotKeys.of_rows(dataset, rows)
+                for index, rows in block_rows_of(data, wanted).items()
+            }
         except (SnapshotFormatError, ValueError, KeyError, EOFError) as error:
             raise _Rebuild(f"segment {segment.key} cannot be read: {error}") from None
 
@@ -593,6 +678,16 @@ class Reconciler:
             report.version_after = result.version
             return
         raise _gave_up(target, self.options.max_attempts)
+
+
+def _sums_in_snapshot(
+    conn: psycopg.Connection,
+    exported_id: str,
+    target: Target,
+    ranges: list[tuple[int | None, int | None]],
+) -> list[RangeSum]:
+    with source.snapshot_transaction(conn, import_id=exported_id):
+        return range_sums(conn, target, ranges)
 
 
 def _header_blocks(data: bytes, segment: SegmentEntry) -> list[RangeSum] | None:

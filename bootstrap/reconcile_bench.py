@@ -90,22 +90,29 @@ def _prepare_in_sync(settings: Settings, clients: int, rows: int, parallel: int)
     return targets
 
 
-def _drift(conn: psycopg.Connection, target: Target, rows: int, count: int) -> None:
-    """Change ``count`` rows spread over the whole key range of ``target``."""
+def _drift(conn: psycopg.Connection, target: Target, rows: int, count: int, run: int) -> None:
+    """Change ``count`` rows spread over the whole key range of ``target`` (a new value each
+    run, so that every run drifts)."""
     step = max(1, rows // count)
     keys = [1 + step * index + step // 2 for index in range(count)]
     conn.execute(
-        "UPDATE raw_data SET currency = 'DRIFT' WHERE client_id = %s AND id = ANY(%s)",
-        [target.client_id, keys],
+        "UPDATE raw_data SET currency = %s WHERE client_id = %s AND id = ANY(%s)",
+        [f"DR{run}", target.client_id, keys],
     )
 
 
-def _run(settings: Settings, targets: list[Target], parallel: int) -> tuple[Any, float]:
-    options = ReconcileOptions(parallel=parallel, grace_s=0.0)
-    with Reconciler(settings, options) as reconciler:
-        started = time.perf_counter()
-        report = reconciler.run(targets)
-        return report, time.perf_counter() - started
+def _run(reconciler: Reconciler, targets: list[Target]) -> tuple[Any, float]:
+    started = time.perf_counter()
+    report = reconciler.run(targets)
+    return report, time.perf_counter() - started
+
+
+def _reconciler(settings: Settings, parallel: int) -> Reconciler:
+    reconciler = Reconciler(settings, ReconcileOptions(parallel=parallel, grace_s=0.0))
+    # A nightly run connects once for all its targets: not part of any target's time.
+    reconciler.store.ensure_bucket()
+    reconciler.registry.ping()
+    return reconciler
 
 
 def bench_reconcile_command(
@@ -124,16 +131,24 @@ def bench_reconcile_command(
 
     settings = _settings(settings_of(ctx))
     targets = _prepare_in_sync(settings, clients, rows, parallel)
-    in_sync, in_sync_seconds = _run(settings, targets, parallel)
+    with _reconciler(settings, parallel) as reconciler:
+        in_sync, in_sync_seconds = _run(reconciler, targets)
     compared = sum(target.rows for target in in_sync.targets)
 
+    # The drifted target is repaired three times over (ten new rows drifted each time), in
+    # one run's reconciler as a nightly run would: the median is the figure, the first run,
+    # which also pays for the process's first decode and encode, is reported beside it.
     drift_target = Target("raw_data", DRIFT_CLIENT_BASE + drift_target_rows)
+    repairs: list[tuple[Any, float]] = []
     with psycopg.connect(settings.postgres.dsn.get_secret_value(), autocommit=True) as conn:
         if seed_target(conn, drift_target, drift_target_rows):
             _vacuum(conn)
         bootstrap = bootstrap_target(drift_target, settings, force=True)
-        _drift(conn, drift_target, drift_target_rows, DRIFT_ROWS)
-    drifted, drift_seconds = _run(settings, [drift_target], 1)
+        with _reconciler(settings, parallel) as reconciler:
+            for run in range(3):
+                _drift(conn, drift_target, drift_target_rows, DRIFT_ROWS, run)
+                repairs.append(_run(reconciler, [drift_target]))
+    drifted, drift_seconds = sorted(repairs, key=lambda repair: repair[1])[1]
     repaired = drifted.targets[0]
 
     result = {
@@ -149,6 +164,8 @@ def bench_reconcile_command(
         "drift_rows": repaired.drift_rows,
         "drift_repaired": repaired.outcome == REPAIRED,
         "drift_seconds": round(drift_seconds, 3),
+        "drift_seconds_first": round(repairs[0][1], 3),
+        "drift_repaired_all": all(r.targets[0].outcome == REPAIRED for r, _ in repairs),
         "segments_read_drift": repaired.segments_read,
         "segments_rewritten": repaired.segments_rewritten,
         "segments_in_drift_target": _segments(settings, drift_target),

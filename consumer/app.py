@@ -42,11 +42,11 @@ from consumer.deadletter import DeadLetters, fetch_record
 from consumer.decoding import ChangeEvent, EventDecodeError, JsonDecoder, TruncateEvent
 from consumer.group import GroupMember, Partition
 from consumer.offsets import OffsetTracker
-from consumer.segment_cache import SegmentCache
 from schemas.datasets import DATASETS, Target
 from snapshots.faults import crash_point
 from snapshots.publish import SnapshotWriter
 from snapshots.registry import VersionRegistry
+from snapshots.segment_cache import SegmentCache
 from snapshots.store import ObjectStore
 from storage_builder import metrics
 from storage_builder.errors import (

@@ -227,6 +227,20 @@ def iter_segment_rows(data: bytes) -> Iterator[dict[str, Any]]:
     yield from reader  # type: ignore[misc]
 
 
+def block_rows_of(data: bytes, wanted: Collection[int]) -> dict[int, list[dict[str, Any]]]:
+    """The rows of the ``wanted`` blocks of a segment (by index), the others not even
+    decompressed."""
+    container = _parse(data)
+    try:
+        return {
+            index: _decode_block(container, container.blocks[index].raw) for index in sorted(wanted)
+        }
+    except IndexError:
+        raise SnapshotFormatError(
+            f"segment has {len(container.blocks)} blocks, block {max(wanted)} was asked for"
+        ) from None
+
+
 def segment_metadata(data: bytes) -> dict[str, str]:
     """The metadata of a segment's header, decoded as text (the schema included)."""
     metadata, _, _ = _container.parse_header(data)

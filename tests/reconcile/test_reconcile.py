@@ -16,6 +16,7 @@ from reconcile_helpers import (
     snapshot_rows,
 )
 
+from bootstrap import reconcile
 from bootstrap.bench import seed_target
 from bootstrap.reconcile import ReconcileOptions, Reconciler
 from bootstrap.reconcile_report import (
@@ -414,3 +415,87 @@ def test_a_dry_run_reports_a_flushed_registry_without_rebuilding_it(
     target = report.targets[0]
     assert (target.outcome, target.method, target.rows) == (DRIFT, BY_REINDEX, ROWS)
     assert writer.registry.get(bootstrapped) is None
+
+
+def test_a_large_target_compared_in_two_halves_finds_the_same_drift(
+    bootstrapped: Target,
+    pg: psycopg.Connection,
+    small_settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    halves: list[int] = []
+    sums_in_snapshot = reconcile._sums_in_snapshot
+
+    def recording(*args: object) -> object:
+        halves.append(len(args[3]))  # type: ignore[arg-type]
+        return sums_in_snapshot(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(reconcile, "_sums_in_snapshot", recording)
+    client = bootstrapped.client_id
+    # Key 20 is in the lower half of the target's blocks, 290 in the upper half.
+    pg.execute(
+        "UPDATE raw_data SET currency = 'XTS' WHERE client_id = %s AND id IN (20, 290)", [client]
+    )
+
+    options = ReconcileOptions(parallel=2, split_rows=ROWS - 1)
+    with Reconciler(small_settings, options) as reconciler:
+        report = reconciler.run([bootstrapped])
+        again = reconciler.run([bootstrapped])
+
+    target = report.targets[0]
+    assert (target.outcome, target.method, target.rows_changed) == (REPAIRED, BY_SEGMENTS, 2)
+    assert target.segments_rewritten == 2
+    assert_snapshot_equals_database(pg, small_settings, bootstrapped)
+    assert again.targets[0].outcome == IN_SYNC
+    # 30 blocks of 10 rows: the upper 15 ranges went to the second connection, each run.
+    assert halves == [15, 15]
+
+
+def test_a_listed_dataset_still_sees_segments_written_after_its_listing(
+    bootstrapped: Target,
+    pg: psycopg.Connection,
+    reconciler: Reconciler,
+    writer: SnapshotWriter,
+    small_settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(reconcile, "_LIST_DATASET_FROM", 1)
+    list_datasets = reconciler._list_datasets
+
+    def list_then_publish(targets: list[Target]) -> None:
+        list_datasets(targets)
+        assert reconciler._listed["raw_data"], "the dataset was not listed"
+        # A publish the run's listing cannot know: the consumer rewriting a segment.
+        state = writer.registry.get(bootstrapped)
+        assert state is not None
+        writer.apply_changes(bootstrapped, {}, [7], state.source_position, expected=state)
+        pg.execute("DELETE FROM raw_data WHERE client_id = %s AND id = 7", [bootstrapped.client_id])
+
+    monkeypatch.setattr(reconciler, "_list_datasets", list_then_publish)
+
+    report = reconciler.run([bootstrapped])
+
+    assert report.targets[0].outcome == IN_SYNC, report.targets[0].reason
+
+
+def test_a_listed_dataset_still_finds_a_deleted_segment_object(
+    bootstrapped: Target,
+    pg: psycopg.Connection,
+    reconciler: Reconciler,
+    writer: SnapshotWriter,
+    small_settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(reconcile, "_LIST_DATASET_FROM", 1)
+    state = writer.registry.get(bootstrapped)
+    assert state is not None
+    segment = writer.load_manifest(state, bootstrapped).segments[4]
+    writer.store.delete_many([segment.key])
+
+    report = reconciler.run([bootstrapped])
+
+    target = report.targets[0]
+    assert reconciler._listed["raw_data"], "the dataset was not listed"
+    assert (target.outcome, target.method) == (REPAIRED, BY_BOOTSTRAP)
+    assert segment.key in (target.reason or "") and "missing" in (target.reason or "")
+    assert_snapshot_equals_database(pg, small_settings, bootstrapped)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from consumer.segment_cache import SegmentCache
+from snapshots.segment_cache import SegmentCache
 from snapshots.store import ObjectStore
 from storage_builder.settings import Settings
 

@@ -1,7 +1,8 @@
-"""An object store that keeps the segments this member wrote or read lately in memory.
+"""An object store that keeps the segments a job wrote or read lately in memory.
 
-A micro-batch of a small target rewrites the same segment again and again, and each time
-the publish would read back the bytes it wrote a second earlier. Segments are immutable
+A consumer's micro-batches of a small target rewrite the same segment again and again, and
+each time the publish would read back the bytes it wrote a second earlier; a reconciliation
+reads a drifted segment to compare it, then rewrites it. Segments are immutable
 objects with unique keys, so a cached copy can never be stale: the cache saves one GET per
 touched segment per publish, bounded by a byte budget (least recently used goes first).
 Everything else is passed through to the wrapped ``ObjectStore``.
