@@ -37,7 +37,7 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -155,6 +155,8 @@ class _Comparison:
     rows: int = 0
     differences: list[RowDifference] = field(default_factory=list)
     segments_read: int = 0
+    # Segments of the manifest with its deltas folded in, not uploaded (see _compare).
+    pending: dict[str, bytes] = field(default_factory=dict)
 
 
 class Reconciler:
@@ -425,17 +427,22 @@ class Reconciler:
         state = self._state(target, report)
         manifest = self._manifest(target, state) if state is not None else None
         report.version_before = state.version if state is not None else None
+        # A manifest with deltas is compared as if compacted: its deltas are folded into the
+        # segments they touch, in memory. Nothing is uploaded unless a repair publishes.
+        pending: dict[str, bytes] = {}
+        if manifest is not None and manifest.deltas:
+            manifest, pending = self._fold(target, manifest)
         # The objects are checked while PostgreSQL computes the sums; a missing one still
         # decides before any segment is read.
         checked = None
         if manifest is not None:
-            checked = self._beside.submit(self._check_objects, target, manifest)
+            checked = self._beside.submit(self._check_objects, target, manifest, pending)
 
         conn = self._conn()
         split = manifest is not None and manifest.rows > self.options.split_rows
         with source.snapshot_transaction(conn, export=split) as snapshot:
             comparison = self._compare_in_snapshot(
-                conn, target, state, manifest, snapshot.exported_id, checked
+                conn, target, state, manifest, snapshot.exported_id, checked, pending
             )
         report.rows = comparison.rows
         report.segments_read += comparison.segments_read
@@ -449,6 +456,7 @@ class Reconciler:
         manifest: Manifest | None,
         exported_id: str | None,
         objects_checked: Future[None] | None,
+        pending: dict[str, bytes],
     ) -> _Comparison:
         segments = manifest.segments if manifest is not None else []
         # One bucket per block of every segment: the same single scan then also gives the
@@ -458,7 +466,9 @@ class Reconciler:
         buckets = self._bucket_sums(conn, target, bounds, exported_id)
         if objects_checked is not None:
             objects_checked.result()
-        comparison = _Comparison(state, manifest, rows=sum(found.rows for found in buckets))
+        comparison = _Comparison(
+            state, manifest, rows=sum(found.rows for found in buckets), pending=pending
+        )
         if manifest is None:
             if comparison.rows:
                 raise _Rebuild("no snapshot (no registry entry, no manifest in S3)")
@@ -478,7 +488,7 @@ class Reconciler:
             self._check_extent(manifest, spans, comparison.rows)
         # The mismatching segments are fetched together: one round trip of latency, not one
         # per segment.
-        fetched = self._fetch([segment for segment, _, _ in mismatched])
+        fetched = self._fetch([segment for segment, _, _ in mismatched], pending)
         for (segment, block_bounds, found), data in zip(mismatched, fetched, strict=True):
             ranges.extend(self._segment_ranges(target, segment, data, block_bounds, found))
         comparison.segments_read = len(mismatched)
@@ -532,17 +542,28 @@ class Reconciler:
         except (ObjectStoreError, SnapshotFormatError) as error:
             raise _Rebuild(f"manifest {state.manifest_key} cannot be read: {error}") from None
 
-    def _check_objects(self, target: Target, manifest: Manifest) -> None:
+    def _fold(self, target: Target, manifest: Manifest) -> tuple[Manifest, dict[str, bytes]]:
+        try:
+            return self.writer.fold(target, manifest)
+        except (ObjectStoreError, SnapshotFormatError) as error:
+            raise _Rebuild(
+                f"the deltas of version {manifest.version} cannot be read: {error}"
+            ) from None
+
+    def _check_objects(
+        self, target: Target, manifest: Manifest, pending: Collection[str] = ()
+    ) -> None:
         """Every segment object the manifest names exists with its size: no segment is read.
 
         The run's listing of the dataset answers when it holds them all; otherwise one LIST of
         the target does (a segment may have been written after the run's listing).
         """
+        stored = [segment for segment in manifest.segments if segment.key not in pending]
         sizes = self._listed.get(target.dataset, {})
-        if any(sizes.get(segment.key) != segment.bytes for segment in manifest.segments):
+        if any(sizes.get(segment.key) != segment.bytes for segment in stored):
             prefix = object_keys.target_prefix(self.root, target) + object_keys.SEGMENTS
             sizes = {info.key: info.size for info in self.store.list(prefix)}
-        for segment in manifest.segments:
+        for segment in stored:
             size = sizes.get(segment.key)
             if size is None:
                 raise _Rebuild(f"segment {segment.key} is missing from S3")
@@ -551,12 +572,15 @@ class Reconciler:
                     f"segment {segment.key} has {size} bytes, its manifest says {segment.bytes}"
                 )
 
-    def _fetch(self, segments: list[SegmentEntry]) -> list[bytes | Exception]:
-        """The objects of ``segments``, read concurrently; a failed read gives its error."""
+    def _fetch(
+        self, segments: list[SegmentEntry], pending: dict[str, bytes]
+    ) -> list[bytes | Exception]:
+        """The objects of ``segments``, read concurrently (or taken from ``pending``); a
+        failed read gives its error."""
 
         def get(segment: SegmentEntry) -> bytes | Exception:
             try:
-                return self.store.get(segment.key)
+                return pending.get(segment.key) or self.store.get(segment.key)
             except ObjectStoreError as error:
                 return error
 
@@ -640,6 +664,7 @@ class Reconciler:
             state.source_position,
             expected=state,
             manifest=comparison.manifest,
+            pending=comparison.pending,
         )
         report.outcome, report.method = REPAIRED, BY_SEGMENTS
         report.segments_rewritten = result.segments_rewritten

@@ -64,7 +64,7 @@ def show(
         typer.echo(f"target          {target}")
         typer.echo(f"version         {manifest.version}  (created {created})")
         typer.echo(f"manifest        {snapshot.manifest_key}")
-        typer.echo(f"rows            {manifest.rows}")
+        typer.echo(f"rows            {manifest.rows} in segments")
         typer.echo(f"pg snapshot     {manifest.source_position.pg_snapshot}")
         for name, offset in sorted(manifest.source_position.offsets.items()):
             typer.echo(f"offset          {name} = {offset}")
@@ -74,6 +74,12 @@ def show(
                 f"  [{_bound(segment.lo)}, {_bound(segment.hi)})  keys {segment.min_key}.."
                 f"{segment.max_key}  {segment.rows} rows  {segment.bytes} bytes  "
                 f"{len(segment.block_keys)} blocks  {segment.key.rsplit('/', 1)[-1]}"
+            )
+        for delta in manifest.deltas:
+            since = dt.datetime.fromtimestamp(delta.since, dt.UTC).isoformat()
+            typer.echo(
+                f"delta           {delta.publishes} publishes since {since}: {delta.upserts} "
+                f"upserts, {delta.deletes} deletes  {delta.key.rsplit('/', 1)[-1]}"
             )
 
 
@@ -162,6 +168,7 @@ def gc_command(
         "targets": report.targets,
         "skipped": report.skipped,
         "deleted_objects": len(report.deleted),
+        "deleted_packs": report.packs,
         "bytes_freed": report.bytes_freed,
     }
     if dry_run:

@@ -4,6 +4,11 @@ Everything of a target lives below ``{root}/{dataset}/client={client_id}/``: its
 under ``segments/`` and its manifests under ``manifests/``. Keys are never built from raw
 strings of events or arguments, and a key that does not sit below its target's prefix is
 refused, so one client's snapshot can never name another client's objects.
+
+Packs, which hold the deltas and manifests of many targets (:mod:`snapshots.packs`), live
+below ``{root}/_packs/``; a target refers to a part of one by its location,
+``{pack key}#{offset}+{length}``, and every part names the target it belongs to, which
+readers check.
 """
 
 from __future__ import annotations
@@ -17,11 +22,14 @@ from storage_builder.errors import InvalidTargetError
 
 SEGMENTS = "segments/"
 MANIFESTS = "manifests/"
+DISCARDED = "discarded/"
+PACKS = "_packs/"
 
 # A unique name: milliseconds since the epoch (so names sort by creation) and 64 random bits.
 _UNIQUE = r"\d{13}-[0-9a-f]{16}"
 _SEGMENT_NAME = re.compile(rf"^{SEGMENTS}{_UNIQUE}\.avro$")
 _MANIFEST_NAME = re.compile(rf"^{MANIFESTS}(\d{{12}})-{_UNIQUE}\.json$")
+_PART_LOCATION = re.compile(rf"^{PACKS}{_UNIQUE}\.pack#\d+\+\d+$")
 _TARGET_PREFIX = re.compile(r"^(?:(.+)/)?([a-z_]+)/client=([1-9]\d*)/$")
 
 
@@ -54,10 +62,33 @@ def manifest_key(root: str, target: Target, version: int) -> str:
     return f"{target_prefix(root, target)}{MANIFESTS}{version:012d}-{_unique()}.json"
 
 
+def pack_key(root: str) -> str:
+    """A new, unique object key for a pack."""
+    return f"{_head(root)}{PACKS}{_unique()}.pack"
+
+
+def pack_prefix(root: str) -> str:
+    """The prefix holding every pack."""
+    return f"{_head(root)}{PACKS}"
+
+
+def discarded_key(root: str, target: Target, version: int) -> str:
+    """A new key for the note that a manifest of ``version`` in a pack lost its publish."""
+    return f"{target_prefix(root, target)}{DISCARDED}{version:012d}-{_unique()}.json"
+
+
+def _head(root: str) -> str:
+    return f"{root.strip('/')}/" if root.strip("/") else ""
+
+
 def check_key(root: str, target: Target, key: str) -> str:
-    """Return ``key`` if it names a segment or manifest of ``target``; refuse it otherwise."""
+    """Return ``key`` if it names a segment or manifest of ``target``, or a part of a pack
+    (whose content names its target, checked when it is read); refuse it otherwise."""
     prefix = target_prefix(root, target)
     rest = key[len(prefix) :] if key.startswith(prefix) else None
+    head = _head(root)
+    if rest is None and key.startswith(head) and _PART_LOCATION.match(key[len(head) :]):
+        return key
     if rest is None or not (_SEGMENT_NAME.match(rest) or _MANIFEST_NAME.match(rest)):
         raise InvalidTargetError(
             f"object key {key!r} is not a segment or manifest below {prefix!r} of {target}"

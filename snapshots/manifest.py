@@ -76,8 +76,32 @@ class SegmentEntry(BaseModel):
         return (self.lo is None or key >= self.lo) and (self.hi is None or key < self.hi)
 
 
+class DeltaEntry(BaseModel):
+    """The delta of a manifest: where it sits (a pack location) and what it holds.
+
+    A delta is cumulative: it holds every change published since the target's segments
+    were last written, one Avro block per publish (see :mod:`snapshots.packs`).
+    ``upserts`` and ``deletes`` count the changes published into it (a key changed twice
+    counts twice), ``publishes`` its blocks; ``since`` is when the first was published.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    key: str
+    upserts: int = Field(ge=0)
+    deletes: int = Field(ge=0)
+    publishes: int = Field(ge=1)
+    since: float
+    created_at: float
+
+
 class Manifest(BaseModel):
-    """The content of one published snapshot version of a target."""
+    """The content of one published snapshot version of a target.
+
+    ``deltas`` are applied over the segments in order, the later winning (see
+    :mod:`snapshots.packs`); the consumer writes at most one, cumulative. ``rows`` counts
+    the segments' rows alone.
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -89,6 +113,7 @@ class Manifest(BaseModel):
     source_position: SourcePosition
     segments: list[SegmentEntry]
     rows: int = Field(ge=0)
+    deltas: list[DeltaEntry] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _contiguous(self) -> Manifest:
@@ -112,6 +137,11 @@ class Manifest(BaseModel):
     @property
     def target(self) -> Target:
         return Target.parse(self.dataset, self.client_id)
+
+    @property
+    def delta_changes(self) -> int:
+        """How many changes the deltas hold (a key changed twice counts twice)."""
+        return sum(delta.upserts + delta.deletes for delta in self.deltas)
 
     @property
     def checksum(self) -> int:

@@ -13,6 +13,7 @@ the manifest it wrote and re-raises; its segments are left to the garbage collec
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections import deque
@@ -25,7 +26,9 @@ from schemas.datasets import Target, get_dataset
 from snapshots import keys as object_keys
 from snapshots.checksums import format_checksum
 from snapshots.faults import crash_point
-from snapshots.manifest import Manifest, SegmentEntry, SourcePosition
+from snapshots.manifest import DeltaEntry, Manifest, SegmentEntry, SourcePosition
+from snapshots.packs import Changes, PackBuilder, encode_delta
+from snapshots.reader import read_delta_changes
 from snapshots.registry import TargetState, VersionRegistry
 from snapshots.segments import EncodedSegment, encode_segments, rewrite_segment
 from snapshots.store import ObjectStore
@@ -44,6 +47,47 @@ class ApplyResult:
     bytes_written: int
     rows_upserted: int
     rows_deleted: int
+
+
+@dataclass(frozen=True)
+class DeltaPublish:
+    """One target's micro-batch to publish as a delta, over the manifest of ``expected``."""
+
+    target: Target
+    expected: TargetState
+    manifest: Manifest
+    upserts: Mapping[int, dict[str, Any]]
+    deletes: Collection[int]
+    position: SourcePosition
+    # The bytes of the manifest's delta, when the caller kept them (else they are read).
+    previous: bytes | None = None
+
+
+# The outcome of an item a failed pack never reached.
+_NOT_WRITTEN = StorageBuilderError("the pack holding this delta was not written")
+
+
+@dataclass(frozen=True)
+class Published:
+    """A delta published: the new manifest, where it sits, and the delta's bytes (which the
+    next publish of the target appends to)."""
+
+    manifest: Manifest
+    location: str
+    delta: bytes
+
+
+def _entry(item: DeltaPublish, key: str, now: float) -> DeltaEntry:
+    """The delta entry of a publish: the previous delta's counts with this batch's added."""
+    before = item.manifest.deltas[-1] if item.manifest.deltas else None
+    return DeltaEntry(
+        key=key,
+        upserts=len(item.upserts) + (before.upserts if before else 0),
+        deletes=len(item.deletes) + (before.deletes if before else 0),
+        publishes=1 + (before.publishes if before else 0),
+        since=before.since if before else now,
+        created_at=now,
+    )
 
 
 @dataclass(frozen=True)
@@ -202,6 +246,143 @@ class SnapshotWriter:
         )
         return manifest
 
+    def publish_deltas(self, items: Sequence[DeltaPublish]) -> list[Published | Exception]:
+        """Publish several targets' micro-batches as deltas, all in one pack: one PUT.
+
+        Steps 1 and 2 of a publish are that PUT (each target's delta, which is its previous
+        delta with this batch appended, and its new manifest, which lists its segments and
+        the new delta); step 3 is one compare-and-set per target, sent in one round trip,
+        each winning or losing alone. Returns per item, in order, its published manifest,
+        the manifest's location and the delta's bytes, or the error it failed with: the
+        rows it could not encode, or the PublishConflict it lost (whose manifest is then
+        marked discarded, so a rebuild of the registry never takes it).
+        """
+        pack = PackBuilder(object_keys.pack_key(self.root))
+        now = time.time()
+        results: list[Published | Exception] = [_NOT_WRITTEN] * len(items)
+        planned: list[tuple[int, DeltaPublish, Manifest, str, bytes]] = []
+        previous = self._previous_deltas(items)
+        for index, item in enumerate(items):
+            target = item.target
+            dataset = get_dataset(target.dataset)
+            try:
+                earlier = previous[index]
+                if isinstance(earlier, Exception):
+                    raise earlier
+                _check_rows(target, dataset.client_column, item.upserts)
+                delta = encode_delta(dataset, item.upserts, item.deletes, target.client_id, earlier)
+            except (StorageBuilderError, ValueError, TypeError, OverflowError) as error:
+                results[index] = error
+                continue
+            manifest = Manifest(
+                dataset=target.dataset,
+                client_id=target.client_id,
+                version=item.expected.version + 1,
+                created_at=now,
+                source_position=item.position,
+                segments=item.manifest.segments,
+                rows=item.manifest.rows,
+                deltas=[_entry(item, str(pack.add(delta)), now)],
+            )
+            part = pack.add(manifest.to_json())
+            pack.index(target, manifest.version, now, part)
+            planned.append((index, item, manifest, str(part), delta))
+        if not planned:
+            return results
+
+        try:
+            self.store.put(pack.key, pack.build())
+        except StorageBuilderError as error:
+            for index, *_ in planned:
+                results[index] = error
+            return results
+        crash_point("after_segments")
+        crash_point("after_manifest")
+        try:
+            outcomes = self.registry.compare_and_set_many(
+                [
+                    (item.target, item.expected.version, TargetState.of(manifest, location))
+                    for _, item, manifest, location, _ in planned
+                ]
+            )
+        except StorageBuilderError as error:
+            for index, *_ in planned:
+                results[index] = error
+            return results
+        crash_point("after_registry")
+        for (index, item, manifest, location, delta), lost in zip(planned, outcomes, strict=True):
+            if lost is None:
+                results[index] = Published(manifest, location, delta)
+            else:
+                self._mark_discarded(item.target, manifest.version, location)
+                results[index] = lost
+        return results
+
+    def _previous_deltas(self, items: Sequence[DeltaPublish]) -> list[bytes | Exception | None]:
+        """Each item's current delta: kept by the caller, or read (concurrently)."""
+        found: list[bytes | Exception | None] = [item.previous for item in items]
+        wanted = {
+            index: item.manifest.deltas[-1].key
+            for index, item in enumerate(items)
+            if item.previous is None and item.manifest.deltas
+        }
+
+        def read(key: str) -> bytes | Exception:
+            try:
+                return self.store.get(key)
+            except StorageBuilderError as error:
+                return error
+
+        for index, data in zip(wanted, self._pool.map(read, wanted.values()), strict=True):
+            found[index] = data
+        return found
+
+    def _mark_discarded(self, target: Target, version: int, location: str) -> None:
+        """Note that the manifest at ``location`` lost its publish: a part of a pack cannot
+        be deleted, and a rebuild of the registry must not take it (see ``reindex``)."""
+        key = object_keys.discarded_key(self.root, target, version)
+        try:
+            self.store.put(key, json.dumps({"manifest_key": location}).encode())
+        except StorageBuilderError as error:
+            log.warning(
+                "could not mark the unpublished manifest %s of %s version %d: %s",
+                location,
+                target,
+                version,
+                error,
+            )
+
+    def fold(self, target: Target, manifest: Manifest) -> tuple[Manifest, dict[str, bytes]]:
+        """The manifest's deltas folded into its segments, in memory: a manifest without
+        deltas (same version and position) and the bytes of its rewritten segments, which
+        are not uploaded (a comparison reads them; a repair passes them as ``pending``)."""
+        if not manifest.deltas:
+            return manifest, {}
+        changes = read_delta_changes(self.store, target, manifest)
+        upserts = {key: row for key, row in changes.items() if row is not None}
+        deletes = [key for key, row in changes.items() if row is None]
+        pending: dict[str, bytes] = {}
+        if manifest.segments:
+            segments, _ = self._rewrite(target, manifest, upserts, deletes, keep=pending)
+        else:
+            encoded = list(
+                encode_segments(
+                    get_dataset(target.dataset),
+                    (upserts[key] for key in sorted(upserts)),
+                    codec=self.snapshot.codec,
+                    block_rows=self.snapshot.block_rows,
+                    max_rows=self.snapshot.segment_max_rows,
+                    client_id=target.client_id,
+                )
+            )
+            uploads = [_Upload(e, object_keys.segment_key(self.root, target)) for e in encoded]
+            pending.update({upload.key: upload.encoded.data for upload in uploads})
+            segments = self._entries(target, uploads, None)
+        folded = manifest.model_copy(
+            update={"segments": segments, "rows": sum(s.rows for s in segments), "deltas": []}
+        )
+        return folded, pending
+
     def _discard(self, key: str, target: Target) -> None:
         try:
             self.store.delete_many([key])
@@ -227,23 +408,37 @@ class SnapshotWriter:
         position: SourcePosition,
         expected: TargetState,
         manifest: Manifest | None = None,
+        *,
+        delta_changes: Changes | None = None,
+        pending: Mapping[str, bytes] | None = None,
     ) -> ApplyResult:
-        """Apply a micro-batch of changes and publish the next version.
+        """Apply a micro-batch of changes and publish the next version, without deltas.
 
         Only the segments whose key ranges the changes touch are read and rewritten; every
         other segment entry is carried over unchanged. ``manifest``, when the caller kept
-        the manifest of ``expected`` (it published or read it), saves reading it again.
+        the manifest of ``expected`` (it published or read it), saves reading it again. The
+        manifest's deltas are folded in first (a compaction): ``delta_changes``, when the
+        caller kept what they change, saves reading them. ``pending`` holds segments the
+        manifest names that are not uploaded yet (see :meth:`fold`); those still named
+        after the rewrite are uploaded before the manifest.
         """
         dataset = get_dataset(target.dataset)
         _check_rows(target, dataset.client_column, upserts)
         if manifest is None or manifest.version != expected.version:
             manifest = self.load_manifest(expected, target)
         written_before = self.store.bytes_written
+        if manifest.deltas:
+            if delta_changes is None:
+                delta_changes = read_delta_changes(self.store, target, manifest)
+            upserts, deletes = _on_top(delta_changes, upserts, deletes)
 
         if manifest.segments:
-            segments, rewritten = self._rewrite(target, manifest, upserts, deletes)
+            segments, rewritten = self._rewrite(target, manifest, upserts, deletes, source=pending)
         else:
             segments, rewritten = self._first_segments(target, upserts)
+        for segment in segments:
+            if pending is not None and segment.key in pending:
+                self.store.put(segment.key, pending[segment.key])
 
         published = self.publish(target, expected.version, segments, position)
         return ApplyResult(
@@ -275,7 +470,13 @@ class SnapshotWriter:
         manifest: Manifest,
         upserts: Mapping[int, dict[str, Any]],
         deletes: Collection[int],
+        *,
+        source: Mapping[str, bytes] | None = None,
+        keep: dict[str, bytes] | None = None,
     ) -> tuple[list[SegmentEntry], int]:
+        """The segments after the changes: those they touch rewritten, the others carried
+        over. A segment is read from ``source`` when there, else from S3; the rewritten ones
+        are uploaded, or with ``keep`` kept there instead."""
         by_segment: dict[int, tuple[dict[int, dict[str, Any]], list[int]]] = {}
         for key, row in upserts.items():
             by_segment.setdefault(manifest.segment_index(key), ({}, []))[0][key] = row
@@ -284,7 +485,9 @@ class SnapshotWriter:
 
         # Read and rewrite the touched segments concurrently; each keeps its own range.
         futures = {
-            index: self._pool.submit(self._rewrite_one, target, manifest.segments[index], *changes)
+            index: self._pool.submit(
+                self._rewrite_one, target, manifest.segments[index], *changes, source, keep
+            )
             for index, changes in sorted(by_segment.items())
         }
         replaced = {index: future.result() for index, future in futures.items()}
@@ -301,8 +504,12 @@ class SnapshotWriter:
         segment: SegmentEntry,
         upserts: dict[int, dict[str, Any]],
         deletes: list[int],
+        source: Mapping[str, bytes] | None = None,
+        keep: dict[str, bytes] | None = None,
     ) -> list[SegmentEntry]:
-        data = self.store.get(segment.key)
+        data = source.get(segment.key) if source is not None else None
+        if data is None:
+            data = self.store.get(segment.key)
         parts = rewrite_segment(
             get_dataset(target.dataset),
             data,
@@ -320,9 +527,23 @@ class SnapshotWriter:
         uploads = []
         for part in parts:
             key = object_keys.segment_key(self.root, target)
-            self.store.put(key, part.data)
+            if keep is None:
+                self.store.put(key, part.data)
+            else:
+                keep[key] = part.data
             uploads.append(_Upload(part, key))
         return self._entries(target, uploads, [*lows, segment.hi])
+
+
+def _on_top(
+    below: Changes, upserts: Mapping[int, dict[str, Any]], deletes: Collection[int]
+) -> tuple[dict[int, dict[str, Any]], list[int]]:
+    """Upserts and deletes of ``below`` with the later changes applied over them."""
+    changes = dict(below)
+    changes.update({key: None for key in deletes})
+    changes.update(upserts)
+    merged = {key: row for key, row in changes.items() if row is not None}
+    return merged, [key for key, row in changes.items() if row is None]
 
 
 def _contiguous(entries: list[SegmentEntry]) -> list[SegmentEntry]:

@@ -2,8 +2,9 @@
 
 The current version comes from Redis; when Redis has no entry for the target (after a
 flush, before a reindex) the newest manifest in S3 is used instead, with a warning. Rows
-come segment by segment, so memory holds one segment at a time, and every row is checked
-to belong to the target and to its segment's key range before it is handed out.
+come segment by segment, so memory holds one segment at a time (plus the deltas, which
+compaction keeps small), and every row is checked to belong to the target and to its
+segment's key range before it is handed out; the deltas are applied over them in order.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 from schemas.datasets import Target, get_dataset
 from snapshots import keys as object_keys
 from snapshots.manifest import Manifest
+from snapshots.packs import Changes, decode_delta, merge_rows
 from snapshots.registry import VersionRegistry, newest_manifest
 from snapshots.segments import iter_segment_rows
 from snapshots.store import ObjectStore
@@ -51,7 +53,14 @@ class Snapshot:
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         dataset = get_dataset(self.target.dataset)
-        key_column, client_column = dataset.key_column, dataset.client_column
+        changes = read_delta_changes(self._store, self.target, self.manifest)
+        rows = self._segment_rows(dataset.key_column, dataset.client_column)
+        if not changes:
+            yield from rows
+            return
+        yield from merge_rows(rows, changes, dataset.key_column)
+
+    def _segment_rows(self, key_column: str, client_column: str) -> Iterator[dict[str, Any]]:
         for segment in self.manifest.segments:
             rows = 0
             for row in iter_segment_rows(self._store.get(segment.key)):
@@ -68,6 +77,15 @@ class Snapshot:
                     f"segment {segment.key} holds {rows} rows, its manifest says {segment.rows}",
                     key=segment.key,
                 )
+
+
+def read_delta_changes(store: Any, target: Target, manifest: Manifest) -> Changes:
+    """What the manifest's deltas change, read in order, the later winning."""
+    dataset = get_dataset(target.dataset)
+    changes: Changes = {}
+    for delta in manifest.deltas:
+        changes.update(decode_delta(dataset, store.get(delta.key), target, delta.key))
+    return changes
 
 
 def open_snapshot(dataset: str, client: int | str, settings: Settings | None = None) -> Snapshot:
@@ -100,6 +118,6 @@ def open_snapshot(dataset: str, client: int | str, settings: Settings | None = N
             target,
             manifest.version,
         )
-    for segment in manifest.segments:
-        object_keys.check_key(root, target, segment.key)
+    for key in [segment.key for segment in manifest.segments] + [d.key for d in manifest.deltas]:
+        object_keys.check_key(root, target, key)
     return Snapshot(target, manifest, key, store)

@@ -12,6 +12,7 @@ and :func:`reindex` rebuilds the registry from them after Redis lost its keys.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -23,10 +24,14 @@ from redis import Redis, RedisError
 from schemas.datasets import Target
 from snapshots import keys as object_keys
 from snapshots.manifest import Manifest, SourcePosition
+from snapshots.packs import IndexTooLong, Location, PackEntry, parse_index
 from storage_builder.errors import InvalidTargetError, PublishConflict, RegistryError
 from storage_builder.settings import RedisSettings
 
 log = logging.getLogger(__name__)
+
+# How much of a pack's end is read for its index at first (most indexes fit).
+_PACK_TAIL_BYTES = 64 * 1024
 
 # KEYS: target hash, index. ARGV: expected version ('' = absent), version, manifest key,
 # source position, published_at, index member. Returns {1, version} or {0, current or ''}.
@@ -195,6 +200,36 @@ class VersionRegistry:
         if not won:
             raise PublishConflict(str(target), expected_version, int(current) if current else None)
 
+    def compare_and_set_many(
+        self, publishes: list[tuple[Target, int | None, TargetState]]
+    ) -> list[PublishConflict | None]:
+        """Several compare-and-sets in one round trip, each deciding for its own target.
+
+        Returns, per publish in order, None when it won or the PublishConflict it lost with.
+        Raises RegistryError when Redis could not be asked (then no outcome is known).
+        """
+        if not publishes:
+            return []
+        if self._cas is None:
+            self._cas = self.client.register_script(_COMPARE_AND_SET)
+        try:
+            with self.client.pipeline(transaction=False) as pipeline:
+                for target, expected, new in publishes:
+                    self._cas(
+                        keys=[self.target_key(target), self.index_key],
+                        args=["" if expected is None else str(expected)]
+                        + self._arguments(target, new),
+                        client=pipeline,
+                    )
+                replies = pipeline.execute()
+        except RedisError as error:
+            raise self._failed(f"publish {len(publishes)} targets", error) from error
+        outcomes: list[PublishConflict | None] = []
+        for (target, expected, _), (won, current) in zip(publishes, replies, strict=True):
+            lost = PublishConflict(str(target), expected, int(current) if current else None)
+            outcomes.append(None if won else lost)
+        return outcomes
+
     def restore(self, target: Target, state: TargetState) -> bool:
         """Write ``state`` unless the registry already holds it or a newer version."""
         if self._restore is None:
@@ -252,25 +287,86 @@ def discover_targets(store: Any, root: str) -> Iterator[Target]:
             yield target
 
 
-def newest_manifest(store: Any, root: str, target: Target) -> tuple[Manifest, str] | None:
-    """The newest manifest of ``target`` in S3 and its key, or None when it has none.
+def pack_entries(store: Any, root: str) -> dict[Target, list[tuple[PackEntry, str]]]:
+    """Every manifest held in a pack below ``root``, per target, with its location.
 
-    The highest version wins. Two manifests may claim the same version: a writer that
-    crashed after writing its manifest, or a fenced writer that lost the compare-and-set and
-    died before deleting its manifest, leaves one behind. Among those the newest created_at
-    wins. That is safe because every manifest is complete and self-consistent: it holds
-    exactly the changes up to its own source position, so whichever is chosen, the consumer
-    resumes from that position and converges; the nightly reconciliation then repairs any
-    difference from the database.
+    Reads the index at the end of each pack (one ranged GET each, two for a long index).
     """
-    prefix = object_keys.target_prefix(root, target) + object_keys.MANIFESTS
+    found: dict[Target, list[tuple[PackEntry, str]]] = {}
+    for info in store.list(object_keys.pack_prefix(root)):
+        tail = store.get_tail(info.key, _PACK_TAIL_BYTES)
+        try:
+            entries = parse_index(tail, info.key)
+        except IndexTooLong as short:
+            entries = parse_index(store.get_tail(info.key, short.needed), info.key)
+        for entry in entries:
+            try:
+                target = entry.target
+            except InvalidTargetError as error:
+                log.warning("pack %s names an invalid target: %s; ignored", info.key, error)
+                continue
+            offset, length = entry.manifest
+            location = str(Location(info.key, offset, length))
+            found.setdefault(target, []).append((entry, location))
+    return found
+
+
+def discarded_manifests(store: Any, root: str, target: Target) -> set[str]:
+    """The locations of manifests in packs that lost their publish (never to be restored)."""
+    prefix = object_keys.target_prefix(root, target) + object_keys.DISCARDED
+    discarded = set()
+    for info in store.list(prefix):
+        try:
+            discarded.add(json.loads(store.get(info.key))["manifest_key"])
+        except (ValueError, KeyError, TypeError) as error:
+            log.warning("ignoring %s: not a discarded-manifest note (%s)", info.key, error)
+    return discarded
+
+
+def manifest_keys(
+    store: Any,
+    root: str,
+    target: Target,
+    packs: dict[Target, list[tuple[PackEntry, str]]] | None = None,
+) -> dict[int, list[str]]:
+    """The keys (or pack locations) of every manifest of ``target`` in S3, by version,
+    leaving out those marked discarded. ``packs``: from :func:`pack_entries`, read once for
+    many targets (read here when not given)."""
     by_version: dict[int, list[str]] = {}
+    prefix = object_keys.target_prefix(root, target) + object_keys.MANIFESTS
     for info in store.list(prefix):
         version = object_keys.manifest_version(info.key)
         if version is None:
             log.warning("ignoring %r: not a manifest key", info.key)
             continue
         by_version.setdefault(version, []).append(info.key)
+    held = (packs if packs is not None else pack_entries(store, root)).get(target, [])
+    if held:
+        discarded = discarded_manifests(store, root, target)
+        for entry, location in held:
+            if location not in discarded:
+                by_version.setdefault(entry.version, []).append(location)
+    return by_version
+
+
+def newest_manifest(
+    store: Any,
+    root: str,
+    target: Target,
+    packs: dict[Target, list[tuple[PackEntry, str]]] | None = None,
+) -> tuple[Manifest, str] | None:
+    """The newest manifest of ``target`` in S3 and its key, or None when it has none.
+
+    Manifests are standalone objects or parts of packs (see :func:`manifest_keys`). The
+    highest version wins. Two manifests may claim the same version: a writer that crashed
+    after writing its manifest, or a fenced writer that lost the compare-and-set and died
+    before deleting it or marking it discarded, leaves one behind. Among those the newest
+    created_at wins. That is safe because every manifest is complete and self-consistent:
+    it holds exactly the changes up to its own source position, so whichever is chosen, the
+    consumer resumes from that position and converges; the nightly reconciliation then
+    repairs any difference from the database.
+    """
+    by_version = manifest_keys(store, root, target, packs)
     if not by_version:
         return None
 
@@ -300,8 +396,10 @@ def reindex(
     already at that version or newer is left alone. Returns how many entries were written.
     """
     written = 0
-    for target in targets if targets is not None else discover_targets(store, root):
-        found = newest_manifest(store, root, target)
+    packs = pack_entries(store, root)
+    chosen = targets if targets is not None else sorted({*discover_targets(store, root), *packs})
+    for target in chosen:
+        found = newest_manifest(store, root, target, packs)
         if found is None:
             log.warning("%s has no manifest in S3; nothing to restore", target)
             continue

@@ -5,10 +5,18 @@ object goes only when it is older than ``snapshot.retention_s`` AND no manifest 
 current within that period refers to it. The current manifest and everything it refers to
 are never deleted, whatever their age. A target Redis does not know is left alone: the truth
 would then be S3 alone, and ``snapshot reindex`` must restore the registry first.
+
+Packs are shared by many targets, so they are collected after every target was: a pack goes
+when it is older than the retention AND neither the current manifest of any target nor the
+one that was current at the cutoff refers to it (as where it sits or through its delta).
+Every other manifest a reader may still hold was written after the cutoff, and refers only
+to the pack it sits in (its cumulative delta is in the same pack). Delta publishes never
+change segments, so the segments' collection needs only the standalone manifests.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Iterable
@@ -17,7 +25,8 @@ from dataclasses import dataclass, field
 from schemas.datasets import Target
 from snapshots import keys as object_keys
 from snapshots.manifest import Manifest
-from snapshots.registry import VersionRegistry, discover_targets
+from snapshots.packs import Location, PackEntry
+from snapshots.registry import VersionRegistry, discover_targets, pack_entries
 from snapshots.store import ObjectInfo, ObjectStore
 from storage_builder.errors import ObjectStoreError, SnapshotFormatError
 
@@ -29,6 +38,7 @@ class GcReport:
     """What a collection deleted (or, in a dry run, would delete)."""
 
     targets: int = 0
+    packs: int = 0
     skipped: list[str] = field(default_factory=list)
     deleted: list[str] = field(default_factory=list)
     bytes_freed: int = 0
@@ -46,12 +56,24 @@ def collect_garbage(
 ) -> GcReport:
     """Collect the garbage of ``targets`` (default: every target found in S3 or Redis)."""
     now = time.time() if now is None else now
+    cutoff = now - retention_s
     report = GcReport()
+    every = targets is None
     if targets is None:
         targets = sorted(set(discover_targets(store, root)) | set(registry.targets()))
+    packs = pack_entries(store, root)
+    live_packs: set[str] = set()
     for target in targets:
         report.targets += 1
-        doomed = _garbage_of(store, registry, root, target, now - retention_s, report)
+        try:
+            held = packs.get(target, [])
+            live_packs |= _packs_in_use(store, registry, root, target, held, cutoff)
+        except (ObjectStoreError, SnapshotFormatError) as error:
+            log.warning(
+                "%s: cannot tell which packs it uses (%s); no pack collected", target, error
+            )
+            every = False
+        doomed = _garbage_of(store, registry, root, target, cutoff, report)
         if not doomed:
             continue
         for info in doomed:
@@ -67,7 +89,88 @@ def collect_garbage(
             target,
             sum(info.size for info in doomed),
         )
+    if every and not report.skipped:
+        _collect_packs(store, root, packs, live_packs, cutoff, report, dry_run)
+    else:
+        log.info("packs not collected: not every target was examined")
     return report
+
+
+def _packs_in_use(
+    store: ObjectStore,
+    registry: VersionRegistry,
+    root: str,
+    target: Target,
+    held: list[tuple[PackEntry, str]],
+    cutoff: float,
+) -> set[str]:
+    """The packs the target's current manifest and its manifest current at the cutoff use."""
+    state = registry.get(target)
+    if state is None:
+        return set()
+    # The manifest current at the cutoff: the highest version written before it, standalone
+    # or in a pack (a standalone one, written by a compaction, uses no pack).
+    before: list[tuple[int, float, str]] = [
+        (entry.version, entry.created_at, location)
+        for entry, location in held
+        if entry.created_at < cutoff
+    ]
+    prefix = object_keys.target_prefix(root, target) + object_keys.MANIFESTS
+    for info in store.list(prefix):
+        version = object_keys.manifest_version(info.key)
+        if version is not None and info.last_modified < cutoff:
+            before.append((version, info.last_modified, info.key))
+    chosen = [state.manifest_key]
+    if before:
+        chosen.append(max(before)[2])
+    used = set()
+    for key in chosen:
+        if "#" not in key:
+            continue  # a standalone manifest: compacted, it has no deltas
+        manifest = Manifest.load(store.get(key), target, key)
+        used.add(Location.parse(key).key)
+        used.update(Location.parse(delta.key).key for delta in manifest.deltas)
+    return used
+
+
+def _collect_packs(
+    store: ObjectStore,
+    root: str,
+    packs: dict[Target, list[tuple[PackEntry, str]]],
+    live: set[str],
+    cutoff: float,
+    report: GcReport,
+    dry_run: bool,
+) -> None:
+    """Delete the old packs no usable manifest refers to, then the notes of discarded
+    manifests whose pack is gone."""
+    doomed = [
+        info
+        for info in store.list(object_keys.pack_prefix(root))
+        if info.last_modified < cutoff and info.key not in live
+    ]
+    gone = {info.key for info in doomed}
+    notes = []
+    for target in sorted(packs):
+        prefix = object_keys.target_prefix(root, target) + object_keys.DISCARDED
+        for info in store.list(prefix):
+            try:
+                location = json.loads(store.get(info.key))["manifest_key"]
+            except (ValueError, KeyError, TypeError):
+                continue
+            if Location.parse(location).key in gone:
+                notes.append(info)
+    report.packs = len(doomed)
+    report.deleted += [info.key for info in doomed + notes]
+    report.bytes_freed += sum(info.size for info in doomed + notes)
+    if doomed and not dry_run:
+        store.delete_many(info.key for info in doomed + notes)
+    log.info(
+        "%s %d packs (%d bytes)",
+        "would delete" if dry_run else "deleted",
+        len(doomed),
+        sum(info.size for info in doomed),
+    )
 
 
 def _garbage_of(
@@ -92,6 +195,8 @@ def _garbage_of(
             manifests.append((version, info))
         elif info.key.endswith(".avro") and f"/{object_keys.SEGMENTS}" in info.key:
             segments[info.key] = info
+        elif f"/{object_keys.DISCARDED}" in info.key:
+            continue  # goes with its pack
         else:
             log.warning(
                 "%r is neither a segment nor a manifest of %s; left alone", info.key, target

@@ -24,6 +24,7 @@ import botocore.exceptions
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 
+from snapshots.packs import Location
 from storage_builder.errors import ObjectStoreError
 from storage_builder.settings import S3Settings
 
@@ -169,10 +170,42 @@ class ObjectStore:
         log.debug("put %s (%d bytes)", key, len(data))
 
     def get(self, key: str) -> bytes:
-        """Read one object; a missing one raises ObjectStoreError saying so."""
+        """Read one object, or the byte range a location ``key#offset+length`` names (a part
+        of a pack); a missing object raises ObjectStoreError saying so."""
+        where = Location.parse(key)
+        if where.offset is not None and where.length is not None:
+            return self.get_range(where.key, where.offset, where.length)
 
         def get() -> bytes:
             response = self.client.get_object(Bucket=self.bucket, Key=key)
+            return bytes(response["Body"].read())
+
+        data = self._call("get", key, get)
+        self._count()
+        return data
+
+    def get_range(self, key: str, offset: int, length: int) -> bytes:
+        """``length`` bytes of an object from ``offset`` (a short object is an error)."""
+
+        def get() -> bytes:
+            response = self.client.get_object(
+                Bucket=self.bucket, Key=key, Range=f"bytes={offset}-{offset + length - 1}"
+            )
+            return bytes(response["Body"].read())
+
+        data = self._call("get", f"{key}#{offset}+{length}", get)
+        self._count()
+        if len(data) != length:
+            raise ObjectStoreError(
+                f"get {key!r} bytes {offset}+{length} returned {len(data)} bytes", key=key
+            )
+        return data
+
+    def get_tail(self, key: str, length: int) -> bytes:
+        """The last ``length`` bytes of an object (all of it when shorter)."""
+
+        def get() -> bytes:
+            response = self.client.get_object(Bucket=self.bucket, Key=key, Range=f"bytes=-{length}")
             return bytes(response["Body"].read())
 
         data = self._call("get", key, get)

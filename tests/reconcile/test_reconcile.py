@@ -33,7 +33,7 @@ from bootstrap.reconcile_report import (
 from bootstrap.snapshot import bootstrap_target
 from schemas.datasets import Target, get_dataset
 from snapshots.manifest import SourcePosition
-from snapshots.publish import SnapshotWriter
+from snapshots.publish import DeltaPublish, SnapshotWriter
 from snapshots.segments import encode_segment, iter_segment_rows
 from storage_builder.settings import Settings
 
@@ -499,3 +499,65 @@ def test_a_listed_dataset_still_finds_a_deleted_segment_object(
     assert (target.outcome, target.method) == (REPAIRED, BY_BOOTSTRAP)
     assert segment.key in (target.reason or "") and "missing" in (target.reason or "")
     assert_snapshot_equals_database(pg, small_settings, bootstrapped)
+
+
+def _publish_as_delta(
+    writer: SnapshotWriter, pg: psycopg.Connection, target: Target, changed: list[int]
+) -> None:
+    """Publish the database's current rows of ``changed`` keys as a delta, as the consumer
+    does (a key gone from the database is deleted)."""
+    state = writer.registry.get(target)
+    assert state is not None
+    rows = {row["id"]: row for row in database_rows(pg, target) if row["id"] in changed}
+    deletes = [key for key in changed if key not in rows]
+    item = DeltaPublish(
+        target, state, writer.load_manifest(state, target), rows, deletes, state.source_position
+    )
+    [result] = writer.publish_deltas([item])
+    assert not isinstance(result, Exception), result
+
+
+def test_a_target_with_deltas_in_sync_is_compared_folded_and_writes_nothing(
+    bootstrapped: Target, pg: psycopg.Connection, reconciler: Reconciler, writer: SnapshotWriter
+) -> None:
+    client = bootstrapped.client_id
+    pg.execute("UPDATE raw_data SET currency = 'XTS' WHERE client_id = %s AND id = 60", [client])
+    pg.execute("DELETE FROM raw_data WHERE client_id = %s AND id = 61", [client])
+    _publish_as_delta(writer, pg, bootstrapped, [60, 61])
+    version = _version(writer, bootstrapped)
+
+    report = reconciler.run([bootstrapped])
+
+    target = report.targets[0]
+    assert (target.outcome, target.rows, target.segments_read) == (IN_SYNC, ROWS - 1, 0)
+    assert reconciler.store.bytes_written == 0
+    assert _version(writer, bootstrapped) == version
+
+
+def test_drift_under_deltas_is_repaired_with_the_deltas_folded_in(
+    bootstrapped: Target,
+    pg: psycopg.Connection,
+    reconciler: Reconciler,
+    writer: SnapshotWriter,
+    small_settings: Settings,
+) -> None:
+    client = bootstrapped.client_id
+    pg.execute(
+        "UPDATE raw_data SET currency = 'XTS' WHERE client_id = %s AND id IN (60, 160)", [client]
+    )
+    _publish_as_delta(writer, pg, bootstrapped, [60, 160])
+    # Drift the consumer never saw: in one segment the delta touched (51-100), and in one
+    # it did not (201-250). The other folded segment (151-200) is uploaded by the repair.
+    pg.execute(
+        "UPDATE raw_data SET currency = 'XAU' WHERE client_id = %s AND id IN (70, 210)", [client]
+    )
+
+    report = reconciler.run([bootstrapped])
+
+    target = report.targets[0]
+    assert (target.outcome, target.method, target.rows_changed) == (REPAIRED, BY_SEGMENTS, 2)
+    assert_snapshot_equals_database(pg, small_settings, bootstrapped)
+    state = writer.registry.get(bootstrapped)
+    assert state is not None and "#" not in state.manifest_key
+    assert writer.load_manifest(state, bootstrapped).deltas == []
+    assert reconciler.run([bootstrapped]).targets[0].outcome == IN_SYNC

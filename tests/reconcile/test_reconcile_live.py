@@ -27,10 +27,8 @@ from bootstrap.reconcile import ReconcileOptions, Reconciler
 from bootstrap.reconcile_report import FAILED, IN_SYNC, REPAIRED
 from bootstrap.snapshot import bootstrap_target
 from schemas.datasets import Target
-from snapshots import keys as object_keys
-from snapshots.keys import manifest_version
 from snapshots.publish import SnapshotWriter
-from snapshots.registry import VersionRegistry
+from snapshots.registry import VersionRegistry, manifest_keys
 from snapshots.store import ObjectStore
 from storage_builder.settings import Settings
 
@@ -111,9 +109,9 @@ def _wait_in_sync_by_the_consumer(
 
 
 def _manifest_versions(settings: Settings, target: Target) -> list[int]:
-    store = ObjectStore(settings.s3)
-    prefix = object_keys.target_prefix(settings.s3.prefix, target) + object_keys.MANIFESTS
-    return sorted(v for info in store.list(prefix) if (v := manifest_version(info.key)))
+    """The versions of every manifest of the target, standalone or in a pack."""
+    keys = manifest_keys(ObjectStore(settings.s3), settings.s3.prefix, target)
+    return sorted(version for version, found in keys.items() for _ in found)
 
 
 @pytest.mark.slow
