@@ -61,6 +61,7 @@ from storage_builder.settings import Settings
 log = logging.getLogger(__name__)
 
 _POLL_TIMEOUT_S = 0.2
+_POLL_TIMEOUT_MIN_S = 0.01
 _COMMIT_INTERVAL_S = 1.0
 _LAG_INTERVAL_S = 1.0
 _RETRY_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0)
@@ -185,7 +186,7 @@ class ConsumerApp:
 
     def turn(self) -> None:
         """One pass: read, route, publish what is due, commit, adjust backpressure."""
-        messages = self.member.consume(self.consumer_settings.poll_batch, _POLL_TIMEOUT_S)
+        messages = self.member.consume(self.consumer_settings.poll_batch, self._poll_timeout())
         self.health.polled()
         if messages:
             self.health.contact_ok("kafka")
@@ -198,6 +199,15 @@ class ConsumerApp:
         self._report_offset_lag()
         metrics.BUFFERED_CHANGES.set(sum(len(batch) for batch in self.batches.values()))
         metrics.BUFFERED_BYTES.set(self.buffered_bytes)
+
+    def _poll_timeout(self) -> float:
+        """How long the next poll may wait: never past the moment the oldest batch is due,
+        which would add the wait to that batch's latency."""
+        waiting = [b.opened_at for t, b in self.batches.items() if t not in self._retry_at]
+        if not waiting:
+            return _POLL_TIMEOUT_S
+        due_in = min(waiting) + self.window.current_s - time.monotonic()
+        return min(_POLL_TIMEOUT_S, max(_POLL_TIMEOUT_MIN_S, due_in))
 
     # Routing.
 
@@ -342,19 +352,32 @@ class ConsumerApp:
         return due
 
     def _flush_many(self, batches: list[TargetBatch]) -> None:
-        """Publish several targets' batches, concurrently: a publish mostly waits on S3.
+        """Publish several targets' batches: most as deltas in one pack, some by compaction.
 
-        Distinct targets share nothing a publish writes. A target without a snapshot is
-        bootstrapped on this thread, one at a time, as it reads PostgreSQL on the loop's
-        connection. The bookkeeping after each publish (offsets, retries) stays here too.
+        The batches of targets whose deltas are due for compaction rewrite their segments on
+        the publisher threads (a publish mostly waits on S3) while the others go as deltas
+        in one pack from this thread. A target without a snapshot is bootstrapped on this
+        thread, one at a time, as it reads PostgreSQL on the loop's connection. The
+        bookkeeping after each publish (offsets, retries) stays here too.
         """
-        concurrent = [b for b in batches if self.applier.state(b.target) is not None]
-        if len(concurrent) < 2:
-            concurrent = []
-        running = [(b, self._publishers.submit(self.applier.flush, b)) for b in concurrent]
+        ready = [b for b in batches if self.applier.state(b.target) is not None]
+        self.applier.prefetch_manifests([b.target for b in ready], self._publishers)
+        compacting: list[TargetBatch] = []
+        as_deltas: list[TargetBatch] = []
+        for batch in ready:
+            try:
+                due = self.applier.needs_compaction(batch)
+            except StorageBuilderError:
+                due = True  # its manifest could not be read: the per-target path says why
+            (compacting if due else as_deltas).append(batch)
+        running = [(b, self._publishers.submit(self.applier.flush, b)) for b in compacting]
+        if as_deltas:
+            outcomes = self.applier.flush_deltas(as_deltas)
+            for batch in as_deltas:
+                self._flush(batch, result=_settled(outcomes[batch.target]))
         for batch, future in running:
             self._flush(batch, result=future)
-        started = {b.target for b in concurrent}
+        started = {b.target for b in ready}
         for batch in batches:
             if batch.target not in started:
                 self._flush(batch)
@@ -748,6 +771,16 @@ def _writer(settings: Settings) -> SnapshotWriter:
         settings.snapshot,
         settings.s3.prefix,
     )
+
+
+def _settled(outcome: FlushOutcome | Exception) -> Future[FlushOutcome]:
+    """A future already holding ``outcome``, for the bookkeeping publishes share."""
+    future: Future[FlushOutcome] = Future()
+    if isinstance(outcome, Exception):
+        future.set_exception(outcome)
+    else:
+        future.set_result(outcome)
+    return future
 
 
 def _where(message: Message) -> tuple[str, int, int]:

@@ -19,9 +19,12 @@ re-bootstraps every known target of its dataset (see ``Applier.truncate``).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -32,12 +35,13 @@ from consumer.batching import TargetBatch
 from consumer.handoff import PgSnapshot
 from consumer.offsets import advance, is_replay
 from schemas.datasets import Target, get_dataset
-from snapshots.manifest import Manifest
-from snapshots.publish import SnapshotWriter
+from snapshots.manifest import Manifest, SourcePosition
+from snapshots.packs import decode_delta
+from snapshots.publish import DeltaPublish, Published, SnapshotWriter
 from snapshots.registry import TargetState
 from snapshots.segments import encode_segment
 from storage_builder import metrics
-from storage_builder.errors import PublishConflict, RegistryError
+from storage_builder.errors import PublishConflict, RegistryError, StorageBuilderError
 from storage_builder.settings import Settings, SnapshotSettings
 
 log = logging.getLogger(__name__)
@@ -113,6 +117,54 @@ def unappliable_rows(batch: TargetBatch, snapshot: SnapshotSettings) -> dict[int
 Bootstrapper = Callable[..., BootstrapResult]
 
 
+# A flush's deltas go in packs of about this many buffered bytes at most: a backlog's flush
+# then takes several PUTs rather than one pack that doubles the memory it holds.
+_PACK_MAX_BYTES = 8 * 1024 * 1024
+
+
+def pack_runs(sizes: list[int], limit: int) -> list[tuple[int, int]]:
+    """Consecutive ``[start, end)`` runs of items whose sizes add up to at most ``limit``
+    (an item larger than it alone)."""
+    runs, start, total = [], 0, 0
+    for index, size in enumerate(sizes):
+        if index > start and total + size > limit:
+            runs.append((start, index))
+            start, total = index, 0
+        total += size
+    if start < len(sizes):
+        runs.append((start, len(sizes)))
+    return runs
+
+
+class KeptDeltas:
+    """The delta of each target's current manifest, as bytes, kept within a byte budget:
+    the target's next publish appends to it, and a compaction folds it, without reading it
+    back. Over the budget, the target that published least recently loses its entry first."""
+
+    def __init__(self, budget_bytes: int) -> None:
+        self.budget_bytes = budget_bytes
+        self._kept: OrderedDict[Target, tuple[int, bytes]] = OrderedDict()
+        self._bytes = 0
+
+    def get(self, target: Target, version: int) -> bytes | None:
+        """The delta of ``version`` of the target, if kept."""
+        kept = self._kept.get(target)
+        return kept[1] if kept is not None and kept[0] == version else None
+
+    def keep(self, target: Target, version: int, delta: bytes) -> None:
+        self.drop(target)
+        self._kept[target] = (version, delta)
+        self._bytes += len(delta)
+        while self._bytes > self.budget_bytes and self._kept:
+            _, (_, evicted) = self._kept.popitem(last=False)
+            self._bytes -= len(evicted)
+
+    def drop(self, target: Target) -> None:
+        kept = self._kept.pop(target, None)
+        if kept is not None:
+            self._bytes -= len(kept[1])
+
+
 class Applier:
     """Publishes micro-batches, with a cache of each target's registry state."""
 
@@ -133,6 +185,8 @@ class Applier:
         # The manifest of each target's last publish by this member: the next micro-batch
         # starts from it without reading it back from S3.
         self._manifests: dict[Target, Manifest] = {}
+        # An eighth of the memory budget keeps those manifests' deltas.
+        self._deltas = KeptDeltas(settings.consumer.memory_budget_mb * 1024 * 1024 // 8)
         self._conn: psycopg.Connection | None = None
 
     def state(self, target: Target) -> TargetState | None:
@@ -150,6 +204,7 @@ class Applier:
         for target in targets:
             self._states.pop(target, None)
             self._manifests.pop(target, None)
+            self._deltas.drop(target)
 
     def close(self) -> None:
         if self._conn is not None:
@@ -173,24 +228,114 @@ class Applier:
         try:
             version = self._publish(batch, state)
         except PublishConflict as conflict:
-            # Another writer moved the target on: the new owner of the partition after a
-            # rebalance, a reconciliation, a re-bootstrap. Publishing over it would lose its
-            # changes, so this batch is dropped and its events are read again.
-            self.forget([target])
-            metrics.PUBLISH_CONFLICTS.labels(dataset=target.dataset).inc()
-            log.warning(
-                "publish of %s lost the compare-and-set (expected version %s, registry holds "
-                "%s): %d changes discarded, to be read again from %s:%d@%d",
-                target,
-                conflict.expected,
-                conflict.current,
-                len(batch),
-                batch.topic,
-                batch.partition,
-                batch.first_offset,
-            )
-            return FlushOutcome(CONFLICT, target, conflict.current, batch.first_offset, len(batch))
+            return self._lost(batch, conflict)
         return FlushOutcome(PUBLISHED, target, version, batch.first_offset, len(batch))
+
+    def _lost(self, batch: TargetBatch, conflict: PublishConflict) -> FlushOutcome:
+        # Another writer moved the target on: the new owner of the partition after a
+        # rebalance, a reconciliation, a re-bootstrap. Publishing over it would lose its
+        # changes, so this batch is dropped and its events are read again.
+        target = batch.target
+        self.forget([target])
+        metrics.PUBLISH_CONFLICTS.labels(dataset=target.dataset).inc()
+        log.warning(
+            "publish of %s lost the compare-and-set (expected version %s, registry holds "
+            "%s): %d changes discarded, to be read again from %s:%d@%d",
+            target,
+            conflict.expected,
+            conflict.current,
+            len(batch),
+            batch.topic,
+            batch.partition,
+            batch.first_offset,
+        )
+        return FlushOutcome(CONFLICT, target, conflict.current, batch.first_offset, len(batch))
+
+    def needs_compaction(self, batch: TargetBatch) -> bool:
+        """Whether ``batch`` is published by rewriting segments rather than as a delta: its
+        target's deltas (with this batch) are too many, too large or too old to keep."""
+        settings = self.settings.consumer
+        if len(batch) > settings.compact_changes:
+            return True
+        manifest = self.manifest(batch.target)
+        if manifest is None or not manifest.deltas:
+            return False
+        delta = manifest.deltas[-1]
+        return (
+            delta.publishes >= settings.compact_deltas
+            or manifest.delta_changes + len(batch) > settings.compact_changes
+            or time.time() - delta.since > settings.compact_after_s
+        )
+
+    def manifest(self, target: Target) -> Manifest | None:
+        """The manifest of the target's current state, kept after it is read once."""
+        state = self.state(target)
+        if state is None:
+            return None
+        manifest = self._manifests.get(target)
+        if manifest is None or manifest.version != state.version:
+            manifest = self.writer.load_manifest(state, target)
+            self._manifests[target] = manifest
+        return manifest
+
+    def prefetch_manifests(self, targets: list[Target], pool: Executor) -> None:
+        """Read the manifests not kept yet, concurrently: after a start or a rebalance,
+        hundreds of targets publish for the first time in one flush. A failed read is
+        left for the publish of its target to report."""
+        missing = [target for target in targets if target not in self._manifests]
+        if len(missing) < 2:
+            return
+        for future in [pool.submit(self.manifest, target) for target in missing]:
+            with contextlib.suppress(StorageBuilderError):
+                future.result()
+
+    def flush_deltas(self, batches: list[TargetBatch]) -> dict[Target, FlushOutcome | Exception]:
+        """Publish the batches of several targets (each with a snapshot) as deltas, in one
+        pack: one PUT and one round trip to Redis for all of them."""
+        outcomes: dict[Target, FlushOutcome | Exception] = {}
+        items: list[tuple[TargetBatch, DeltaPublish]] = []
+        started = time.monotonic()
+        for batch in batches:
+            target = batch.target
+            try:
+                state = self.state(target)
+                manifest = self.manifest(target)
+            except StorageBuilderError as error:
+                outcomes[target] = error
+                continue
+            if state is None or manifest is None:
+                outcomes[target] = RegistryError(f"{target} has no snapshot to add a delta to")
+                continue
+            self._drop_contained(batch, state)
+            if batch.is_empty:
+                outcomes[target] = FlushOutcome(CONTAINED, target, state.version, None, 0)
+                continue
+            upserts, deletes = batch.split()
+            position = self._position(batch, state)
+            previous = self._deltas.get(target, state.version)
+            item = DeltaPublish(target, state, manifest, upserts, deletes, position, previous)
+            items.append((batch, item))
+
+        results: list[Published | Exception] = []
+        for start, end in pack_runs([batch.nbytes for batch, _ in items], _PACK_MAX_BYTES):
+            results += self.writer.publish_deltas([item for _, item in items[start:end]])
+        published_at = time.time()
+        for (batch, _), result in zip(items, results, strict=True):
+            target = batch.target
+            if isinstance(result, PublishConflict):
+                outcomes[target] = self._lost(batch, result)
+            elif isinstance(result, Exception):
+                outcomes[target] = result
+            else:
+                manifest = result.manifest
+                self._states[target] = TargetState.of(manifest, result.location)
+                self._manifests[target] = manifest
+                self._deltas.keep(target, manifest.version, result.delta)
+                self._count(batch, manifest, published_at, 0, time.monotonic() - started)
+                outcomes[target] = FlushOutcome(
+                    PUBLISHED, target, manifest.version, batch.first_offset, len(batch)
+                )
+        return outcomes
 
     def _drop_contained(self, batch: TargetBatch, state: TargetState) -> int:
         skipped: dict[str, list[int]] = {}
@@ -203,17 +348,25 @@ class Applier:
             batch.drop(keys)
         return sum(len(keys) for keys in skipped.values())
 
-    def _publish(self, batch: TargetBatch, state: TargetState) -> int:
-        target = batch.target
-        started = time.monotonic()
-        upserts, deletes = batch.split()
-        position = advance(
+    def _position(self, batch: TargetBatch, state: TargetState) -> SourcePosition:
+        return advance(
             state.source_position,
             batch.topic,
             batch.partition,
             batch.last_offset,
             batch.newest_source_ts_ms,
         )
+
+    def _publish(self, batch: TargetBatch, state: TargetState) -> int:
+        """Publish by rewriting the segments the batch touches, folding in the deltas."""
+        target = batch.target
+        started = time.monotonic()
+        upserts, deletes = batch.split()
+        manifest = self._manifests.get(target)
+        kept = self._deltas.get(target, state.version)
+        delta_changes = None
+        if kept is not None:
+            delta_changes = decode_delta(get_dataset(target.dataset), kept, target, "kept")
 
         # Steps 1-3 of a publish happen inside apply_changes, in this order:
         # (1) write the rewritten segments: new, uniquely named objects no reader knows yet;
@@ -223,7 +376,13 @@ class Applier:
         #     the loop, move the group past these events: a crash before (4) replays them,
         #     and the recorded offset in (3) makes the replay skip what (3) published.
         result = self.writer.apply_changes(
-            target, upserts, deletes, position, expected=state, manifest=self._manifests.get(target)
+            target,
+            upserts,
+            deletes,
+            self._position(batch, state),
+            expected=state,
+            manifest=manifest,
+            delta_changes=delta_changes,
         )
 
         published_at = time.time()
@@ -231,16 +390,37 @@ class Applier:
         if new_state is None or new_state.version < result.manifest.version:
             raise RegistryError(f"{target} version {result.manifest.version} vanished from Redis")
         self._states[target] = new_state
+        self._deltas.drop(target)
         if new_state.version == result.manifest.version:
             self._manifests[target] = result.manifest
         else:
             self._manifests.pop(target, None)
+        self._count(
+            batch,
+            result.manifest,
+            published_at,
+            result.segments_rewritten,
+            time.monotonic() - started,
+            result.bytes_written,
+        )
+        return result.manifest.version
 
+    def _count(
+        self,
+        batch: TargetBatch,
+        manifest: Manifest,
+        published_at: float,
+        segments_rewritten: int,
+        seconds: float,
+        bytes_written: int = 0,
+    ) -> None:
+        """Metrics, latency and the one INFO line of a publish."""
+        target = batch.target
         dataset = target.dataset
         metrics.BATCHES_APPLIED.labels(dataset=dataset).inc()
-        metrics.SEGMENTS_WRITTEN.labels(dataset=dataset).inc(result.segments_rewritten)
-        metrics.BYTES_WRITTEN.labels(dataset=dataset).inc(result.bytes_written)
-        metrics.PUBLISH_DURATION.labels(dataset=dataset).observe(time.monotonic() - started)
+        metrics.SEGMENTS_WRITTEN.labels(dataset=dataset).inc(segments_rewritten)
+        metrics.BYTES_WRITTEN.labels(dataset=dataset).inc(bytes_written)
+        metrics.PUBLISH_DURATION.labels(dataset=dataset).observe(seconds)
         for change in batch.changes.values():
             metrics.CHANGES_APPLIED.labels(dataset=dataset, op=change.op).inc()
         for source_ts_ms, events in batch.source_ts_counts.items():
@@ -249,25 +429,29 @@ class Applier:
                 metrics.COMMIT_TO_PUBLISH.observe(latency)
         if self._on_published is not None:
             self._on_published(batch, published_at)
-        seconds = time.monotonic() - started
+        how = (
+            f"delta of {manifest.deltas[-1].publishes} publishes"
+            if manifest.deltas
+            else f"{segments_rewritten} segments rewritten"
+        )
         log.info(
-            "published %s version %d (%d rows changed by %d events, %d segments rewritten, %.3fs)",
+            "published %s version %d (%d rows changed by %d events, %s, %.3fs)",
             target,
-            result.manifest.version,
+            manifest.version,
             len(batch),
             batch.events,
-            result.segments_rewritten,
+            how,
             seconds,
             extra={
                 "dataset": target.dataset,
                 "client_id": target.client_id,
-                "version": result.manifest.version,
+                "version": manifest.version,
                 "rows_changed": len(batch),
-                "segments_rewritten": result.segments_rewritten,
+                "segments_rewritten": segments_rewritten,
+                "delta_publishes": manifest.deltas[-1].publishes if manifest.deltas else 0,
                 "seconds": round(seconds, 3),
             },
         )
-        return result.manifest.version
 
     def bootstrap(self, target: Target, *, force: bool = False) -> TargetState:
         """Bootstrap ``target`` inline and return its new state (or a racing writer's)."""

@@ -66,9 +66,9 @@ def consumer_config(settings: Settings, client_id: str | None = None) -> dict[st
         "session.timeout.ms": 10_000,
         "heartbeat.interval.ms": 3_000,
         # Bounded prefetch: librdkafka queues up to this much per assigned partition, and
-        # that memory is the member's too (30 partitions x 2 MiB at most). 2 MiB holds a
-        # few thousand schema-less envelopes, well over a second of a busy partition.
-        "queued.max.messages.kbytes": 2_048,
+        # that memory is the member's too (30 partitions x 1 MiB at most). 1 MiB holds
+        # about 1,500 schema-less envelopes, over a second of a busy partition.
+        "queued.max.messages.kbytes": 1_024,
         "fetch.max.bytes": 4 * 1024 * 1024,
         "max.partition.fetch.bytes": 1024 * 1024,
         "enable.partition.eof": False,

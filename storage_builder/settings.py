@@ -138,11 +138,17 @@ class ConsumerSettings(_Section):
 
     flush_max_age_s: float = Field(default=1.0, gt=0)
     flush_max_changes: int = Field(default=20_000, ge=1)
-    memory_budget_mb: int = Field(default=96, ge=8)
+    memory_budget_mb: int = Field(default=64, ge=8)
     flush_max_age_cap_s: float = Field(default=10.0, gt=0)
     poll_batch: int = Field(default=2_000, ge=1)
-    # Targets published at once when several batches are due: their S3 round trips overlap.
+    # Targets compacted at once when several are due: their S3 round trips overlap.
     publish_threads: int = Field(default=8, ge=1, le=64)
+    # A target's micro-batches are published as deltas in one pack per flush until its
+    # deltas reach this many changes, this many deltas, or this age; then they are folded
+    # into rewritten segments (a compaction).
+    compact_changes: int = Field(default=500, ge=0)
+    compact_deltas: int = Field(default=60, ge=0)
+    compact_after_s: float = Field(default=60.0, ge=0)
     shutdown_deadline_s: float = Field(default=30.0, gt=0)
     metrics_port: int = Field(default=9464, ge=0, le=65535)
     metrics_host: str = "127.0.0.1"

@@ -13,7 +13,16 @@ import pytest
 from consumer_harness import insert_rows
 
 from bootstrap.snapshot import bootstrap_target
-from consumer.apply import CONFLICT, CONTAINED, PUBLISHED, Applier, skip_reason
+from consumer.apply import (
+    CONFLICT,
+    CONTAINED,
+    PUBLISHED,
+    Applier,
+    FlushOutcome,
+    KeptDeltas,
+    pack_runs,
+    skip_reason,
+)
 from consumer.batching import TargetBatch
 from consumer.decoding import ChangeEvent
 from schemas.datasets import Target
@@ -184,3 +193,93 @@ def test_a_row_no_segment_can_hold_is_dead_lettered_and_the_rest_published(
     assert "key 5" in str(letter["detail"])
     assert not app.batches and app.buffered_bytes == 0
     app.writer.close()
+
+
+def test_batches_go_as_deltas_until_their_target_is_due_for_compaction(
+    settings: Settings, bootstrapped: Target
+) -> None:
+    chosen = settings.model_copy(
+        update={"consumer": settings.consumer.model_copy(update={"compact_deltas": 3})}
+    )
+    writer = SnapshotWriter.from_settings(chosen)
+    applier = Applier(chosen, writer)
+    rows = _rows(chosen, bootstrapped)
+    reads: list[str] = []
+    get = writer.store.get
+
+    def counting_get(key: str) -> bytes:
+        reads.append(key)
+        return get(key)
+
+    for offset, key in enumerate((3, 5, 3), start=100):
+        batch = _batch(bootstrapped, {key: dict(rows[key], name=f"at {offset}")}, offset)
+        assert not applier.needs_compaction(batch)
+        outcome = applier.flush_deltas([batch])[bootstrapped]
+        assert isinstance(outcome, FlushOutcome) and outcome.kind == PUBLISHED
+    manifest = applier.manifest(bootstrapped)
+    assert manifest is not None and manifest.deltas[-1].publishes == 3
+    after = _rows(chosen, bootstrapped)
+    assert (after[3]["name"], after[5]["name"]) == ("at 102", "at 101")
+
+    writer.store.get = counting_get  # type: ignore[method-assign]
+    batch = _batch(bootstrapped, {6: None}, 103)
+    assert applier.needs_compaction(batch)
+    assert applier.flush(batch).kind == PUBLISHED
+
+    # The delta was folded from what the member kept, not read back from its pack.
+    assert not [key for key in reads if "#" in key]
+    compacted = applier.manifest(bootstrapped)
+    assert compacted is not None and compacted.deltas == [] and compacted.version == 5
+    assert _rows(chosen, bootstrapped) == {k: v for k, v in after.items() if k != 6}
+    writer.close()
+
+
+def test_a_zombie_loses_its_targets_in_a_pack_and_the_owner_keeps_its_own(
+    settings: Settings, pg: psycopg.Connection, bootstrapped: Target, client_id: int
+) -> None:
+    other = Target("entities", client_id + 1)
+    insert_rows(pg, "entities", other.client_id, range(1, 6))
+    bootstrap_target(other, settings)
+    zombie = Applier(settings, SnapshotWriter.from_settings(settings))
+    owner = Applier(settings, SnapshotWriter.from_settings(settings))
+    zombie.state(bootstrapped)
+    row = _rows(settings, bootstrapped)[7]
+    theirs = _rows(settings, other)[2]
+
+    won = owner.flush_deltas([_batch(bootstrapped, {7: dict(row, name="owner")}, 10)])
+    outcomes = zombie.flush_deltas(
+        [
+            _batch(bootstrapped, {7: dict(row, name="zombie")}, 10),
+            _batch(other, {2: dict(theirs, name="still ours")}, 10),
+        ]
+    )
+
+    assert isinstance(won[bootstrapped], FlushOutcome)
+    lost, kept = outcomes[bootstrapped], outcomes[other]
+    assert isinstance(lost, FlushOutcome) and lost.kind == CONFLICT and lost.first_offset == 10
+    assert isinstance(kept, FlushOutcome) and kept.kind == PUBLISHED
+    assert _rows(settings, bootstrapped)[7]["name"] == "owner"
+    assert _rows(settings, other)[2]["name"] == "still ours"
+    pg.execute("DELETE FROM entities WHERE client_id = %s", [other.client_id])
+
+
+def test_a_flush_in_packs_of_bounded_size() -> None:
+    assert pack_runs([], 10) == []
+    assert pack_runs([4, 4, 4], 10) == [(0, 2), (2, 3)]
+    assert pack_runs([12, 1, 1], 10) == [(0, 1), (1, 3)]
+    assert pack_runs([3, 3, 3], 9) == [(0, 3)]
+
+
+def test_kept_deltas_stay_within_their_budget() -> None:
+    kept = KeptDeltas(budget_bytes=1_000)
+    first, second = Target("entities", 1), Target("entities", 2)
+
+    kept.keep(first, 2, b"a" * 400)
+    assert kept.get(first, 2) == b"a" * 400 and kept.get(first, 1) is None
+    kept.keep(second, 5, b"b" * 500)
+    kept.keep(second, 6, b"c" * 500)  # replaces the target's earlier delta
+    assert kept.get(second, 5) is None and kept.get(first, 2) is not None
+
+    # Over the budget: the target that published least recently lost its entry.
+    kept.keep(second, 7, b"d" * 700)
+    assert kept.get(first, 2) is None and kept.get(second, 7) == b"d" * 700
