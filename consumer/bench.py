@@ -2,7 +2,7 @@
 
 600 targets (120 clients x 5 datasets, rows skewed like tenants' sizes) are seeded and
 bootstrapped below their own S3 and Redis prefixes. Then two phases run through the real
-Debezium connector and an in-process consumer:
+Debezium connector and a consumer in a process of its own:
 
 1. latency: ``demo churn`` (a subprocess) commits skewed changes at ``--rate`` for
    ``--duration`` seconds while the consumer publishes; each change's latency is its
@@ -10,12 +10,14 @@ Debezium connector and an in-process consumer:
 2. backlog: with the consumer stopped, at least ``--backlog`` changes are committed and
    left to pile up in Kafka; a consumer then drains them, which gives the rate it sustains.
 
-Peak RSS is sampled from this process during both consumer phases.
+Seeding and bootstrapping, and each phase's consumer, run in processes of their own: the
+peak RSS sampled during each phase is the consumer's own, as in a deployed member.
 """
 
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -23,6 +25,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -36,6 +39,7 @@ from consumer.app import ConsumerApp, dataset_topics
 from schemas.datasets import DATASETS, Target
 from schemas.sample import SampleRows
 from schemas.seed import seed
+from storage_builder.process import bound_malloc_arenas
 from storage_builder.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -290,12 +294,22 @@ def bench_stream_command(
         file.write(_toml(settings))
     config = Path(file.name)
     try:
-        _prepare(settings, client_ids, rows_per_target)
+        # Seeding and bootstrapping run in a child process: the peak RSS measured here is
+        # then the consumer's alone, as it would be in its own process.
+        preparation = multiprocessing.get_context("spawn").Process(
+            target=_prepare, args=(settings, client_ids, rows_per_target)
+        )
+        preparation.start()
+        preparation.join()
+        if preparation.exitcode != 0:
+            raise typer.BadParameter(f"preparing the targets failed ({preparation.exitcode})")
         _wait_for_debezium(settings, 0)
-        rss_before_kb = _current_rss_kb()
-        with RssSampler() as rss:
-            latency = _latency_phase(settings, config, client_ids, rate, duration)
-            drain = _backlog_phase(settings, client_ids, backlog)
+        # Each phase's consumer runs in a process of its own, as a deployed one does: its
+        # peak RSS is then the consumer's alone.
+        latency, latency_peak_kb, rss_before_kb = _in_child(
+            _latency_phase, settings, config, client_ids, rate, duration
+        )
+        drain, drain_peak_kb, _ = _in_child(_backlog_phase, settings, client_ids, backlog)
     finally:
         config.unlink(missing_ok=True)
 
@@ -306,11 +320,39 @@ def bench_stream_command(
         "targets": len(client_ids) * len(DATASETS),
         **latency,
         **drain,
-        "peak_rss_mb": round(rss.peak_kb / 1024, 1),
-        # What seeding and bootstrapping in this process left behind before consuming.
+        "peak_rss_mb": round(max(latency_peak_kb, drain_peak_kb) / 1024, 1),
+        "peak_rss_latency_phase_mb": round(latency_peak_kb / 1024, 1),
+        "peak_rss_drain_phase_mb": round(drain_peak_kb / 1024, 1),
+        # The consumer's process before it started (the interpreter and its imports).
         "rss_before_consume_mb": round(rss_before_kb / 1024, 1),
     }
     typer.echo(orjson.dumps(result).decode())
+
+
+def _in_child(phase: Callable[..., dict[str, Any]], *args: Any) -> tuple[dict[str, Any], int, int]:
+    """Run a phase in a new process; its result, its peak RSS and its RSS before (KiB)."""
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    child = context.Process(target=_phase_child, args=(results, phase, *args))
+    child.start()
+    try:
+        result, peak_kb, before_kb = results.get()
+    finally:
+        child.join()
+    if isinstance(result, BaseException):
+        raise result
+    return result, peak_kb, before_kb
+
+
+def _phase_child(results: Any, phase: Callable[..., dict[str, Any]], *args: Any) -> None:
+    bound_malloc_arenas()
+    before_kb = _current_rss_kb()
+    try:
+        with RssSampler() as rss:
+            result: dict[str, Any] | BaseException = phase(*args)
+    except Exception as error:  # noqa: BLE001 (handed to the parent, which raises it)
+        result = error
+    results.put((result, rss.peak_kb, before_kb))
 
 
 def _toml(settings: Settings) -> str:

@@ -16,6 +16,7 @@ import typer
 
 from storage_builder.errors import StorageBuilderError
 from storage_builder.logs import setup_logging
+from storage_builder.process import bound_malloc_arenas
 from storage_builder.settings import Settings, load_settings
 
 log = logging.getLogger(__name__)
@@ -97,6 +98,7 @@ def _register_subcommands() -> None:
 
 def main() -> None:
     """Entry point of the console script: errors we raise on purpose exit 2 with one line."""
+    bound_malloc_arenas()
     _register_subcommands()
     try:
         app()
