@@ -25,7 +25,12 @@ from schemas.datasets import Target
 from snapshots import keys as object_keys
 from snapshots.manifest import Manifest, SourcePosition
 from snapshots.packs import IndexTooLong, Location, PackEntry, parse_index
-from storage_builder.errors import InvalidTargetError, PublishConflict, RegistryError
+from storage_builder.errors import (
+    InvalidTargetError,
+    PublishConflict,
+    RegistryError,
+    SnapshotFormatError,
+)
 from storage_builder.settings import RedisSettings
 
 log = logging.getLogger(__name__)
@@ -287,18 +292,27 @@ def discover_targets(store: Any, root: str) -> Iterator[Target]:
             yield target
 
 
-def pack_entries(store: Any, root: str) -> dict[Target, list[tuple[PackEntry, str]]]:
+def pack_entries(
+    store: Any, root: str, unreadable: set[str] | None = None
+) -> dict[Target, list[tuple[PackEntry, str]]]:
     """Every manifest held in a pack below ``root``, per target, with its location.
 
-    Reads the index at the end of each pack (one ranged GET each, two for a long index).
+    Reads the index at the end of each pack (one ranged GET each, two for a long index). A
+    pack whose index cannot be read is skipped with a warning (and added to ``unreadable``).
     """
     found: dict[Target, list[tuple[PackEntry, str]]] = {}
     for info in store.list(object_keys.pack_prefix(root)):
-        tail = store.get_tail(info.key, _PACK_TAIL_BYTES)
         try:
-            entries = parse_index(tail, info.key)
-        except IndexTooLong as short:
-            entries = parse_index(store.get_tail(info.key, short.needed), info.key)
+            tail = store.get_tail(info.key, _PACK_TAIL_BYTES)
+            try:
+                entries = parse_index(tail, info.key)
+            except IndexTooLong as short:
+                entries = parse_index(store.get_tail(info.key, short.needed), info.key)
+        except SnapshotFormatError as error:
+            log.warning("pack %s: %s; its manifests are not considered", info.key, error)
+            if unreadable is not None:
+                unreadable.add(info.key)
+            continue
         for entry in entries:
             try:
                 target = entry.target

@@ -6,9 +6,10 @@ current within that period refers to it. The current manifest and everything it 
 are never deleted, whatever their age. A target Redis does not know is left alone: the truth
 would then be S3 alone, and ``snapshot reindex`` must restore the registry first.
 
-Packs are shared by many targets, so they are collected after every target was: a pack goes
-when it is older than the retention AND neither the current manifest of any target nor the
-one that was current at the cutoff refers to it (as where it sits or through its delta).
+Packs are shared by many targets, so they are collected after the targets: a pack goes when
+it is older than the retention AND neither the current manifest of any target nor the one
+that was current at the cutoff refers to it (as where it sits or through its delta), AND
+every target it holds a manifest of was examined (known to Redis, and in this collection).
 Every other manifest a reader may still hold was written after the cutoff, and refers only
 to the pack it sits in (its cumulative delta is in the same pack). Delta publishes never
 change segments, so the segments' collection needs only the standalone manifests.
@@ -58,21 +59,24 @@ def collect_garbage(
     now = time.time() if now is None else now
     cutoff = now - retention_s
     report = GcReport()
-    every = targets is None
     if targets is None:
         targets = sorted(set(discover_targets(store, root)) | set(registry.targets()))
-    packs = pack_entries(store, root)
+    unreadable: set[str] = set()
+    packs = pack_entries(store, root, unreadable)
     live_packs: set[str] = set()
+    # Targets whose packs could be told; the packs of any other target are left alone.
+    examined: set[Target] = set()
     for target in targets:
         report.targets += 1
         try:
             held = packs.get(target, [])
-            live_packs |= _packs_in_use(store, registry, root, target, held, cutoff)
+            used = _packs_in_use(store, registry, root, target, held, cutoff)
         except (ObjectStoreError, SnapshotFormatError) as error:
-            log.warning(
-                "%s: cannot tell which packs it uses (%s); no pack collected", target, error
-            )
-            every = False
+            log.warning("%s: cannot tell which packs it uses (%s); they are kept", target, error)
+            used = None
+        if used is not None:
+            live_packs |= used
+            examined.add(target)
         doomed = _garbage_of(store, registry, root, target, cutoff, report)
         if not doomed:
             continue
@@ -89,10 +93,13 @@ def collect_garbage(
             target,
             sum(info.size for info in doomed),
         )
-    if every and not report.skipped:
-        _collect_packs(store, root, packs, live_packs, cutoff, report, dry_run)
-    else:
-        log.info("packs not collected: not every target was examined")
+    kept = unreadable | {
+        Location.parse(location).key
+        for target, held in packs.items()
+        if target not in examined
+        for _, location in held
+    }
+    _collect_packs(store, root, packs, live_packs | kept, cutoff, report, dry_run)
     return report
 
 
@@ -103,11 +110,12 @@ def _packs_in_use(
     target: Target,
     held: list[tuple[PackEntry, str]],
     cutoff: float,
-) -> set[str]:
-    """The packs the target's current manifest and its manifest current at the cutoff use."""
+) -> set[str] | None:
+    """The packs the target's current manifest and its manifest current at the cutoff use;
+    None when the registry does not know the target (then nobody can tell)."""
     state = registry.get(target)
     if state is None:
-        return set()
+        return None
     # The manifest current at the cutoff: the highest version written before it, standalone
     # or in a pack (a standalone one, written by a compaction, uses no pack).
     before: list[tuple[int, float, str]] = [

@@ -293,3 +293,40 @@ def test_a_manifest_naming_a_delta_of_another_client_is_refused(
 
     with pytest.raises(SnapshotFormatError, match="refused"):
         _rows(settings, first)
+
+
+def test_gc_keeps_a_pack_of_a_target_it_cannot_examine(
+    small_writer: SnapshotWriter,
+    two_targets: list[Target],
+    make_row: Any,
+    settings: Settings,
+    redis_client: redis.Redis,
+) -> None:
+    first, second = two_targets
+    items = [
+        _delta(small_writer, t, {1: make_row(RAW, 1, t.client_id, 2)}, [], 1)
+        for t in (first, second)
+    ]
+    assert not any(isinstance(r, Exception) for r in small_writer.publish_deltas(items))
+    [pack] = _packs(small_writer)
+    for target in two_targets:
+        state = _state(small_writer, target)
+        small_writer.apply_changes(target, {}, [], state.source_position, state)
+    redis_client.delete(small_writer.registry.target_key(second))
+
+    def gc(targets: list[Target] | None) -> Any:
+        return collect_garbage(
+            small_writer.store,
+            small_writer.registry,
+            settings.s3.prefix,
+            0,
+            targets=targets,
+            now=time.time() + 5,
+        )
+
+    # Redis lost the second target: whether a reader may still need the pack is unknown.
+    assert gc(None).packs == 0 and _packs(small_writer) == [pack]
+    reindex(small_writer.registry, small_writer.store, small_writer.root)
+    # Only the first target examined: the second's part of the pack is not its to judge.
+    assert gc([first]).packs == 0
+    assert gc(None).packs == 1 and _packs(small_writer) == []
