@@ -35,6 +35,9 @@ from storage_builder.settings import RedisSettings
 
 log = logging.getLogger(__name__)
 
+# The manifests packs hold, per target, each with its location (see pack_entries).
+PackIndex = dict[Target, list[tuple[PackEntry, str]]]
+
 # How much of a pack's end is read for its index at first (most indexes fit).
 _PACK_TAIL_BYTES = 64 * 1024
 
@@ -292,15 +295,13 @@ def discover_targets(store: Any, root: str) -> Iterator[Target]:
             yield target
 
 
-def pack_entries(
-    store: Any, root: str, unreadable: set[str] | None = None
-) -> dict[Target, list[tuple[PackEntry, str]]]:
+def pack_entries(store: Any, root: str, unreadable: set[str] | None = None) -> PackIndex:
     """Every manifest held in a pack below ``root``, per target, with its location.
 
     Reads the index at the end of each pack (one ranged GET each, two for a long index). A
     pack whose index cannot be read is skipped with a warning (and added to ``unreadable``).
     """
-    found: dict[Target, list[tuple[PackEntry, str]]] = {}
+    found: PackIndex = {}
     for info in store.list(object_keys.pack_prefix(root)):
         try:
             tail = store.get_tail(info.key, _PACK_TAIL_BYTES)
@@ -341,7 +342,7 @@ def manifest_keys(
     store: Any,
     root: str,
     target: Target,
-    packs: dict[Target, list[tuple[PackEntry, str]]] | None = None,
+    packs: PackIndex | None = None,
 ) -> dict[int, list[str]]:
     """The keys (or pack locations) of every manifest of ``target`` in S3, by version,
     leaving out those marked discarded. ``packs``: from :func:`pack_entries`, read once for
@@ -367,7 +368,7 @@ def newest_manifest(
     store: Any,
     root: str,
     target: Target,
-    packs: dict[Target, list[tuple[PackEntry, str]]] | None = None,
+    packs: PackIndex | None = None,
 ) -> tuple[Manifest, str] | None:
     """The newest manifest of ``target`` in S3 and its key, or None when it has none.
 

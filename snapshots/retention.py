@@ -27,7 +27,7 @@ from schemas.datasets import Target
 from snapshots import keys as object_keys
 from snapshots.manifest import Manifest
 from snapshots.packs import Location, PackEntry
-from snapshots.registry import VersionRegistry, discover_targets, pack_entries
+from snapshots.registry import PackIndex, VersionRegistry, discover_targets, pack_entries
 from snapshots.store import ObjectInfo, ObjectStore
 from storage_builder.errors import ObjectStoreError, SnapshotFormatError
 
@@ -144,7 +144,7 @@ def _packs_in_use(
 def _collect_packs(
     store: ObjectStore,
     root: str,
-    packs: dict[Target, list[tuple[PackEntry, str]]],
+    packs: PackIndex,
     live: set[str],
     cutoff: float,
     report: GcReport,
