@@ -318,7 +318,11 @@ class Applier:
 
         results: list[Published | Exception] = []
         for start, end in pack_runs([batch.nbytes for batch, _ in items], _PACK_MAX_BYTES):
+            written = self.writer.store.bytes_written
             results += self.writer.publish_deltas([item for _, item in items[start:end]])
+            if self.writer.store.bytes_written > written:
+                metrics.PACKS_WRITTEN.inc()
+                metrics.PACK_BYTES.inc(self.writer.store.bytes_written - written)
         published_at = time.time()
         for (batch, _), result in zip(items, results, strict=True):
             target = batch.target
@@ -417,7 +421,8 @@ class Applier:
         """Metrics, latency and the one INFO line of a publish."""
         target = batch.target
         dataset = target.dataset
-        metrics.BATCHES_APPLIED.labels(dataset=dataset).inc()
+        how = "delta" if manifest.deltas else "segments"
+        metrics.BATCHES_APPLIED.labels(dataset=dataset, how=how).inc()
         metrics.SEGMENTS_WRITTEN.labels(dataset=dataset).inc(segments_rewritten)
         metrics.BYTES_WRITTEN.labels(dataset=dataset).inc(bytes_written)
         metrics.PUBLISH_DURATION.labels(dataset=dataset).observe(seconds)
@@ -429,7 +434,7 @@ class Applier:
                 metrics.COMMIT_TO_PUBLISH.observe(latency)
         if self._on_published is not None:
             self._on_published(batch, published_at)
-        how = (
+        what = (
             f"delta of {manifest.deltas[-1].publishes} publishes"
             if manifest.deltas
             else f"{segments_rewritten} segments rewritten"
@@ -440,7 +445,7 @@ class Applier:
             manifest.version,
             len(batch),
             batch.events,
-            how,
+            what,
             seconds,
             extra={
                 "dataset": target.dataset,

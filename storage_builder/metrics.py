@@ -80,7 +80,13 @@ CONSUMER_COMMITTED_OFFSET = _gauge(
     "The offset last committed for an assigned partition.",
     ("topic", "partition"),
 )
-BATCHES_APPLIED = _counter("batches_applied", "Micro-batches applied and published.", ("dataset",))
+BATCHES_APPLIED = _counter(
+    "batches_applied",
+    "Micro-batches applied and published, as a delta in a pack or by rewriting segments.",
+    ("dataset", "how"),
+)
+PACKS_WRITTEN = _counter("packs_written", "Packs written to S3 (one per flush, or a few).", ())
+PACK_BYTES = _counter("pack_bytes_written", "Bytes of packs written to S3.", ())
 CHANGES_APPLIED = _counter(
     "changes_applied", "Changes applied to snapshots, by operation (c, u, d, r).", ("dataset", "op")
 )

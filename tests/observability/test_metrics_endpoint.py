@@ -52,9 +52,10 @@ def value(samples: dict, name: str, **labels: str) -> float:
 def test_scraped_values_match_what_was_recorded(server: MetricsServer) -> None:
     dataset = "formula_associations"
     before = scrape(server)
-    batches = before.get(("storage_builder_batches_applied_total", (("dataset", dataset),)), 0.0)
+    labels = (("dataset", dataset), ("how", "delta"))
+    batches = before.get(("storage_builder_batches_applied_total", labels), 0.0)
 
-    metrics.BATCHES_APPLIED.labels(dataset=dataset).inc(3)
+    metrics.BATCHES_APPLIED.labels(dataset=dataset, how="delta").inc(3)
     metrics.CHANGES_APPLIED.labels(dataset=dataset, op="u").inc(41)
     metrics.CONSUMER_OFFSET_LAG.labels(topic="sb.public.entities", partition="5").set(1234)
     metrics.CONSUMER_TIME_LAG.labels(topic="sb.public.entities", partition="5").set(2.5)
@@ -65,7 +66,8 @@ def test_scraped_values_match_what_was_recorded(server: MetricsServer) -> None:
     metrics.REBALANCES.labels(kind="assign").inc()
 
     after = scrape(server)
-    assert value(after, "storage_builder_batches_applied_total", dataset=dataset) == batches + 3
+    name = "storage_builder_batches_applied_total"
+    assert value(after, name, dataset=dataset, how="delta") == batches + 3
     assert value(after, "storage_builder_changes_applied_total", dataset=dataset, op="u") >= 41
     assert (
         value(
