@@ -118,6 +118,7 @@ def open_snapshot(dataset: str, client: int | str, settings: Settings | None = N
             target,
             manifest.version,
         )
-    for key in [segment.key for segment in manifest.segments] + [d.key for d in manifest.deltas]:
-        object_keys.check_key(root, target, key)
+    named = [segment.key for segment in manifest.segments] + [d.key for d in manifest.deltas]
+    for part in named:
+        object_keys.check_key(root, target, part)
     return Snapshot(target, manifest, key, store)

@@ -171,6 +171,9 @@ def test_deltas_of_several_targets_go_in_one_pack_and_read_back_merged(
         assert result.manifest.version == 2 and len(result.manifest.deltas) == 1
         state = _state(small_writer, result.manifest.target)
         assert (state.version, state.manifest_key) == (2, result.location)
+    with open_snapshot(first.dataset, first.client_id, settings) as snapshot:
+        assert snapshot.manifest_key == results[0].location  # type: ignore[union-attr]
+        assert snapshot.version == 2
     expected_first = [make_row(RAW, k, first.client_id, 2 if k == 7 else 1) for k in range(1, 50)]
     assert _rows(settings, first) == [row for row in expected_first if row["id"] != 30]
     expected_second = [make_row(RAW, k, second.client_id) for k in range(1, 50)]
