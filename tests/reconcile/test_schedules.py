@@ -75,3 +75,47 @@ def test_the_dkron_job_forbids_concurrency_and_has_a_timeout() -> None:
     assert len(job["schedule"].split()) == 6  # Dkron's schedules start with seconds
     assert job["executor"] == "shell" and job["executor_config"]["timeout"] == "2h"
     _check_command(shlex.split(job["executor_config"]["command"]))
+
+
+def _check_gc_command(words: list[str]) -> None:
+    """The words after `storage-builder` name `snapshot gc` and only real options."""
+    words = words[next(i for i, w in enumerate(words) if w.endswith("storage-builder")) :]
+    assert words[words.index("snapshot") + 1 :][:1] == ["gc"]
+    _register_subcommands()
+    snapshot = get_command(app).commands["snapshot"]  # type: ignore[attr-defined]
+    gc = snapshot.commands["gc"]
+    known = {option for param in gc.params for option in param.opts} | {"--log-format"}
+    options = [word for word in words if word.startswith("--")]
+    assert set(options) <= known, set(options) - known
+
+
+def test_the_hourly_gc_runs_in_every_scheduler_without_overlap_and_with_a_limit() -> None:
+    line = next(
+        line
+        for line in (SCHEDULES / "crontab").read_text().splitlines()
+        if line and not line.startswith("#") and "snapshot gc" in line
+    )
+    fields = shlex.split(line)
+    assert fields[:2] == ["15", "*"] and fields[5:7] == ["flock", "-n"]
+    assert fields[fields.index("timeout") + 2] == "50m"
+    _check_gc_command(fields)
+
+    timer = configparser.ConfigParser()
+    timer.read(SCHEDULES / "storage-builder-gc.timer")
+    service = configparser.ConfigParser(strict=False)
+    service.read(SCHEDULES / "storage-builder-gc.service")
+    assert timer["Timer"]["Unit"] == "storage-builder-gc.service"
+    assert service["Service"]["Type"] == "oneshot"
+    assert service["Service"]["RuntimeMaxSec"] == "50min"
+    _check_gc_command(shlex.split(service["Service"]["ExecStart"]))
+
+    cronjob = yaml.safe_load((SCHEDULES / "gc-cronjob.yaml").read_text())
+    assert cronjob["spec"]["concurrencyPolicy"] == "Forbid"
+    job = cronjob["spec"]["jobTemplate"]["spec"]
+    assert job["activeDeadlineSeconds"] == 3000
+    [container] = job["template"]["spec"]["containers"]
+    _check_gc_command(container["args"])
+
+    dkron = json.loads((SCHEDULES / "gc-dkron.json").read_text())
+    assert dkron["concurrency"] == "forbid" and dkron["executor_config"]["timeout"] == "50m"
+    _check_gc_command(shlex.split(dkron["executor_config"]["command"]))
