@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -139,12 +140,14 @@ def pack_runs(sizes: list[int], limit: int) -> list[tuple[int, int]]:
 class KeptDeltas:
     """The delta of each target's current manifest, as bytes, kept within a byte budget:
     the target's next publish appends to it, and a compaction folds it, without reading it
-    back. Over the budget, the target that published least recently loses its entry first."""
+    back. Over the budget, the target that published least recently loses its entry first.
+    Thread-safe: compactions drop entries on the publisher threads."""
 
     def __init__(self, budget_bytes: int) -> None:
         self.budget_bytes = budget_bytes
         self._kept: OrderedDict[Target, tuple[int, bytes]] = OrderedDict()
         self._bytes = 0
+        self._lock = threading.Lock()
 
     def get(self, target: Target, version: int) -> bytes | None:
         """The delta of ``version`` of the target, if kept."""
@@ -152,14 +155,19 @@ class KeptDeltas:
         return kept[1] if kept is not None and kept[0] == version else None
 
     def keep(self, target: Target, version: int, delta: bytes) -> None:
-        self.drop(target)
-        self._kept[target] = (version, delta)
-        self._bytes += len(delta)
-        while self._bytes > self.budget_bytes and self._kept:
-            _, (_, evicted) = self._kept.popitem(last=False)
-            self._bytes -= len(evicted)
+        with self._lock:
+            self._drop(target)
+            self._kept[target] = (version, delta)
+            self._bytes += len(delta)
+            while self._bytes > self.budget_bytes and self._kept:
+                _, (_, evicted) = self._kept.popitem(last=False)
+                self._bytes -= len(evicted)
 
     def drop(self, target: Target) -> None:
+        with self._lock:
+            self._drop(target)
+
+    def _drop(self, target: Target) -> None:
         kept = self._kept.pop(target, None)
         if kept is not None:
             self._bytes -= len(kept[1])
@@ -318,11 +326,7 @@ class Applier:
 
         results: list[Published | Exception] = []
         for start, end in pack_runs([batch.nbytes for batch, _ in items], _PACK_MAX_BYTES):
-            written = self.writer.store.bytes_written
             results += self.writer.publish_deltas([item for _, item in items[start:end]])
-            if self.writer.store.bytes_written > written:
-                metrics.PACKS_WRITTEN.inc()
-                metrics.PACK_BYTES.inc(self.writer.store.bytes_written - written)
         published_at = time.time()
         for (batch, _), result in zip(items, results, strict=True):
             target = batch.target

@@ -32,6 +32,7 @@ from snapshots.reader import read_delta_changes
 from snapshots.registry import TargetState, VersionRegistry
 from snapshots.segments import EncodedSegment, encode_segments, rewrite_segment
 from snapshots.store import ObjectStore
+from storage_builder import metrics
 from storage_builder.errors import InvalidTargetError, PublishConflict, StorageBuilderError
 from storage_builder.settings import Settings, SnapshotSettings
 
@@ -290,12 +291,15 @@ class SnapshotWriter:
         if not planned:
             return results
 
+        data = pack.build()
         try:
-            self.store.put(pack.key, pack.build())
+            self.store.put(pack.key, data)
         except StorageBuilderError as error:
             for index, *_ in planned:
                 results[index] = error
             return results
+        metrics.PACKS_WRITTEN.inc()
+        metrics.PACK_BYTES.inc(len(data))
         crash_point("after_segments")
         crash_point("after_manifest")
         try:

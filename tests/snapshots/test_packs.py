@@ -26,6 +26,7 @@ from snapshots.publish import DeltaPublish, SnapshotWriter
 from snapshots.reader import open_snapshot
 from snapshots.registry import TargetState, manifest_keys, reindex
 from snapshots.retention import collect_garbage
+from storage_builder import metrics
 from storage_builder.errors import PublishConflict, SnapshotFormatError
 from storage_builder.settings import Settings
 
@@ -140,6 +141,10 @@ def _rows(settings: Settings, target: Target) -> list[dict[str, Any]]:
         return list(snapshot)
 
 
+def _sample(name: str) -> float:
+    return metrics.REGISTRY.get_sample_value(name) or 0.0
+
+
 def _packs(writer: SnapshotWriter) -> list[str]:
     return [info.key for info in writer.store.list(object_keys.pack_prefix(writer.root))]
 
@@ -161,11 +166,13 @@ def test_deltas_of_several_targets_go_in_one_pack_and_read_back_merged(
         _delta(small_writer, second, {60: make_row(RAW, 60, second.client_id, 2)}, [], 1),
     ]
     requests = small_writer.store.requests
+    packs_before = _sample("storage_builder_packs_written_total")
 
     results = small_writer.publish_deltas(items)
 
     assert small_writer.store.requests - requests == 1  # the pack; the manifests are in it
     assert len(_packs(small_writer)) == 1
+    assert _sample("storage_builder_packs_written_total") == packs_before + 1
     for result in results:
         assert not isinstance(result, Exception)
         assert result.manifest.version == 2 and len(result.manifest.deltas) == 1
