@@ -487,16 +487,16 @@ class ConsumerApp:
             return
         if (topic, partition) in self._revoking:
             return
-        self.offsets.rewound(topic, partition, offset)
+        start = self.offsets.rewound(topic, partition, offset)
         try:
-            self.member.seek(topic, partition, offset)
+            self.member.seek(topic, partition, start)
         except Exception as error:  # noqa: BLE001 (librdkafka raises KafkaException subtypes)
             # Without the seek the events would be lost to this member: stop consuming, so
             # the group re-reads them from the last commit, which is below them.
             raise StorageBuilderError(
-                f"cannot read {topic}:{partition} again from {offset}: {error}"
+                f"cannot read {topic}:{partition} again from {start}: {error}"
             ) from error
-        log.info("reading %s:%d again from offset %d", topic, partition, offset)
+        log.info("reading %s:%d again from offset %d", topic, partition, start)
 
     def _published(self, batch: TargetBatch, published_at: float) -> None:
         now_ms = published_at * 1000

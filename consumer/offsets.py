@@ -117,11 +117,17 @@ class OffsetTracker:
         if offsets is not None:
             offsets.pending.pop(target, None)
 
-    def rewound(self, topic: str, partition: int, offset: int) -> None:
-        """The partition will be read again from ``offset``: nothing at or above it is consumed."""
+    def rewound(self, topic: str, partition: int, offset: int) -> int:
+        """Where the partition is read again from: ``offset``, or where reading stands when
+        that is lower, since a rewind must never skip what was not consumed yet (two batches
+        of one partition can lose their publish in one flush, the later one second).
+        Nothing at or above the returned offset counts as consumed any more."""
         offsets = self._partitions.get((topic, partition))
-        if offsets is not None and offsets.consumed is not None and offsets.consumed >= offset:
-            offsets.consumed = offset - 1
+        if offsets is None or offsets.consumed is None:
+            return offset
+        start = min(offset, offsets.consumed + 1)
+        offsets.consumed = start - 1
+        return start
 
     def commits_due(self) -> dict[TopicPartition, int]:
         """The partitions whose safe offset moved past what was last committed."""

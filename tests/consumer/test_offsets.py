@@ -69,6 +69,22 @@ def test_a_rewind_holds_the_safe_offset_below_the_events_read_again() -> None:
     assert tracker.commits_due() == {(TOPIC, 0): 102}
 
 
+def test_a_second_rewind_never_skips_what_the_first_made_unread() -> None:
+    tracker = _tracker()
+    for offset in range(100, 120):
+        tracker.consumed(TOPIC, 0, offset)
+
+    # Two targets of the partition lose their publish in one flush: A from 103, B from 110.
+    assert tracker.rewound(TOPIC, 0, 103) == 103
+    assert tracker.rewound(TOPIC, 0, 110) == 103  # seeking to 110 would lose A's 103..109
+
+    for offset in range(103, 107):
+        tracker.consumed(TOPIC, 0, offset)
+    assert tracker.rewound(TOPIC, 0, 112) == 107  # never ahead of where reading stands
+    assert tracker.rewound(TOPIC, 0, 104) == 104
+    assert tracker.commits_due() == {(TOPIC, 0): 104}
+
+
 def test_a_revoked_partition_is_forgotten() -> None:
     tracker = _tracker()
     tracker.consumed(TOPIC, 0, 100)
