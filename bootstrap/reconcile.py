@@ -182,6 +182,9 @@ class Reconciler:
         self._local = threading.local()
         self._connections: list[psycopg.Connection] = []
         self._lock = threading.Lock()
+        # The worker threads outlive a run, and with them their database connections: a
+        # scheduler that reconciles again in the same process does not connect again.
+        self._workers = ThreadPoolExecutor(self.options.parallel, thread_name_prefix="reconcile")
         # Work a target runs beside its own thread: an object check, the upper half of a sum.
         self._beside = ThreadPoolExecutor(2 * self.options.parallel, thread_name_prefix="beside")
         self._listed: dict[str, dict[str, int]] = {}
@@ -195,6 +198,7 @@ class Reconciler:
         return self.writer.registry
 
     def close(self) -> None:
+        self._workers.shutdown(wait=True)
         self._beside.shutdown(wait=True)
         with self._lock:
             for conn in self._connections:
@@ -288,8 +292,7 @@ class Reconciler:
             if on_done is not None:
                 on_done(report)
 
-        with ThreadPoolExecutor(self.options.parallel, thread_name_prefix="reconcile") as pool:
-            list(pool.map(one, list(reports)))
+        list(self._workers.map(one, list(reports)))
         return found
 
     def _list_datasets(self, targets: Sequence[Target]) -> None:

@@ -44,9 +44,11 @@ def sql_row_hash(key_sql: str, version_sql: str) -> str:
 
 def sql_hash_residues(key_sql: str, version_sql: str) -> tuple[str, str]:
     """The SQL expressions of the residues ``x`` and ``y`` of :func:`row_hash`."""
+    # Each term is made non-negative (mod() keeps the sign of the dividend) and reduced
+    # once, by the outer mod(): every sum stays below 2^49.
     k, v = f"({key_sql})::bigint", f"({version_sql})::bigint"
-    x = f"mod((mod({k}, {_P}) + {_P}) * 48271 + mod(mod({v}, {_P}) + {_P}, {_P}), {_P})"
-    y = f"mod((mod({k}, {_Q}) + {_Q}) * 69621 + mod(mod({v}, {_Q}) + {_Q}, {_Q}) * 16807 + 1, {_Q})"
+    x = f"mod((mod({k}, {_P}) + {_P}) * 48271 + mod({v}, {_P}) + {_P}, {_P})"
+    y = f"mod((mod({k}, {_Q}) + {_Q}) * 69621 + (mod({v}, {_Q}) + {_Q}) * 16807 + 1, {_Q})"
     return x, y
 
 

@@ -17,10 +17,13 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import boto3
 import botocore.exceptions
+import botocore.session
+import botocore.utils
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 
@@ -41,6 +44,20 @@ _CONNECTION_ERRORS = (
 )
 _BACKOFF_BASE_S = 0.1
 _BACKOFF_MAX_S = 2.0
+
+
+def parse_timestamp(text: str) -> datetime:
+    """A timestamp of an S3 response, as botocore's own parser reads it, but in C.
+
+    botocore parses every ``LastModified`` of a LIST page with dateutil, which costs more than
+    the rest of the page; S3 writes them in ISO 8601, which ``datetime`` reads itself. Other
+    forms go to botocore's parser.
+    """
+    try:
+        parsed = datetime.fromisoformat(text)
+    except (TypeError, ValueError):
+        return botocore.utils.parse_timestamp(text)
+    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
 
 
 @dataclass(frozen=True)
@@ -89,7 +106,10 @@ class ObjectStore:
                 "aws_access_key_id": s3.access_key_id,
                 "aws_secret_access_key": s3.secret_access_key.get_secret_value(),
             }
-        session = boto3.session.Session()
+        core = botocore.session.get_session()
+        parsers = core.get_component("response_parser_factory")
+        parsers.set_parser_defaults(timestamp_parser=parse_timestamp)
+        session = boto3.session.Session(botocore_session=core)
         return session.client(
             "s3",
             endpoint_url=s3.endpoint_url,
