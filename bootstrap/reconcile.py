@@ -41,7 +41,7 @@ from collections.abc import Callable, Collection, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, cast
+from typing import Annotated, Any, cast
 
 import psycopg
 import typer
@@ -111,6 +111,10 @@ Versions = tuple[int | None, int | None]
 # Enough for the drifted segments of a few targets at once (a segment holds up to 50,000 rows).
 _SEGMENT_CACHE_BYTES = 64 * 1024 * 1024
 
+# The decoded rows a comparison keeps for its repair, at most (about 1 KB of memory each);
+# the blocks of a larger drift are decoded again by the repair.
+_KEEP_DECODED_ROWS = 20_000
+
 # A run over this many targets of a dataset lists the dataset's segment objects once...
 _LIST_DATASET_FROM = 20
 # ...unless it holds more than this many (about 150 bytes of memory each).
@@ -157,6 +161,9 @@ class _Comparison:
     segments_read: int = 0
     # Segments of the manifest with its deltas folded in, not uploaded (see _compare).
     pending: dict[str, bytes] = field(default_factory=dict)
+    # The rows of the blocks the comparison decoded, by segment key and block index: the
+    # repair rewrites those very blocks and need not decode them again.
+    decoded: dict[str, dict[int, list[dict[str, Any]]]] = field(default_factory=dict)
 
 
 class Reconciler:
@@ -492,8 +499,13 @@ class Reconciler:
         # The mismatching segments are fetched together: one round trip of latency, not one
         # per segment.
         fetched = self._fetch([segment for segment, _, _ in mismatched], pending)
+        kept = _KEEP_DECODED_ROWS
         for (segment, block_bounds, found), data in zip(mismatched, fetched, strict=True):
-            ranges.extend(self._segment_ranges(target, segment, data, block_bounds, found))
+            decoded: dict[int, list[dict[str, Any]]] = {}
+            ranges.extend(self._segment_ranges(target, segment, data, block_bounds, found, decoded))
+            kept -= sum(len(rows) for rows in decoded.values())
+            if kept >= 0:
+                comparison.decoded[segment.key] = decoded
         comparison.segments_read = len(mismatched)
         if not ranges:
             return comparison
@@ -599,13 +611,15 @@ class Reconciler:
         data: bytes | Exception,
         block_bounds: list[tuple[int | None, int | None]],
         found: list[RangeSum],
+        decoded: dict[int, list[dict[str, Any]]],
     ) -> list[tuple[KeyRange, RangeSum]]:
         """The ranges of a mismatching segment that differ, with the snapshot's side read.
 
         The segment's header holds each block's key range and checksum, so the blocks are
         compared with the database's sums per block without decoding any; only blocks that
-        differ are decoded. A segment whose header does not describe its blocks as the
-        manifest does is decoded whole and compared as one range.
+        differ are decoded, and their rows go to ``decoded``. A segment whose header does
+        not describe its blocks as the manifest does is decoded whole and compared as one
+        range.
         """
         try:
             if isinstance(data, Exception):
@@ -614,20 +628,26 @@ class Reconciler:
         except (ObjectStoreError, SnapshotFormatError, ValueError, KeyError) as error:
             raise _Rebuild(f"segment {segment.key} cannot be read: {error}") from None
         if blocks is None or [b.min_key for b in blocks] != segment.block_keys:
-            decoded = self._decode(target, segment, data, None)
-            return [(KeyRange(segment.lo, segment.hi, decoded[0]), _total(found))]
+            whole = self._decode(target, segment, data, None)
+            return [(KeyRange(segment.lo, segment.hi, whole[0]), _total(found))]
 
         wanted = {i for i, block in enumerate(blocks) if not found[i].matches(block)}
-        decoded = self._decode(target, segment, data, wanted)
+        keys = self._decode(target, segment, data, wanted, decoded)
         for index in wanted:
-            if not decoded[index].total.matches(blocks[index]):
+            if not keys[index].total.matches(blocks[index]):
                 raise _Rebuild(f"block {index} of segment {segment.key} differs from its header")
-        return [(KeyRange(*block_bounds[i], decoded[i]), found[i]) for i in sorted(wanted)]
+        return [(KeyRange(*block_bounds[i], keys[i]), found[i]) for i in sorted(wanted)]
 
     def _decode(
-        self, target: Target, segment: SegmentEntry, data: bytes, wanted: set[int] | None
+        self,
+        target: Target,
+        segment: SegmentEntry,
+        data: bytes,
+        wanted: set[int] | None,
+        decoded: dict[int, list[dict[str, Any]]] | None = None,
     ) -> dict[int, SnapshotKeys]:
-        """Keys and versions of the wanted blocks (None: of the whole segment, as block 0)."""
+        """Keys and versions of the wanted blocks (None: of the whole segment, as block 0);
+        the rows of the wanted blocks go to ``decoded``."""
         dataset = get_dataset(target.dataset)
         try:
             if wanted is None:
@@ -639,10 +659,10 @@ class Reconciler:
                 if not inside or not held.matches(_entry_sum(segment)):
                     raise _Rebuild(f"segment {segment.key} does not hold what its manifest says")
                 return {0: keys}
-            return {
-                index: SnapshotKeys.of_rows(dataset, rows)
-                for index, rows in block_rows_of(data, wanted).items()
-            }
+            rows_of = block_rows_of(data, wanted)
+            if decoded is not None:
+                decoded.update(rows_of)
+            return {index: SnapshotKeys.of_rows(dataset, rows) for index, rows in rows_of.items()}
         except (SnapshotFormatError, ValueError, KeyError, EOFError) as error:
             raise _Rebuild(f"segment {segment.key} cannot be read: {error}") from None
 
@@ -668,6 +688,7 @@ class Reconciler:
             expected=state,
             manifest=comparison.manifest,
             pending=comparison.pending,
+            decoded=comparison.decoded,
         )
         report.outcome, report.method = REPAIRED, BY_SEGMENTS
         report.segments_rewritten = result.segments_rewritten

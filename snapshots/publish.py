@@ -415,6 +415,7 @@ class SnapshotWriter:
         *,
         delta_changes: Changes | None = None,
         pending: Mapping[str, bytes] | None = None,
+        decoded: Mapping[str, Mapping[int, list[dict[str, Any]]]] | None = None,
     ) -> ApplyResult:
         """Apply a micro-batch of changes and publish the next version, without deltas.
 
@@ -424,7 +425,8 @@ class SnapshotWriter:
         manifest's deltas are folded in first (a compaction): ``delta_changes``, when the
         caller kept what they change, saves reading them. ``pending`` holds segments the
         manifest names that are not uploaded yet (see :meth:`fold`); those still named
-        after the rewrite are uploaded before the manifest.
+        after the rewrite are uploaded before the manifest. ``decoded`` holds the rows of
+        blocks the caller decoded already, by segment key and block index.
         """
         dataset = get_dataset(target.dataset)
         _check_rows(target, dataset.client_column, upserts)
@@ -437,7 +439,9 @@ class SnapshotWriter:
             upserts, deletes = _on_top(delta_changes, upserts, deletes)
 
         if manifest.segments:
-            segments, rewritten = self._rewrite(target, manifest, upserts, deletes, source=pending)
+            segments, rewritten = self._rewrite(
+                target, manifest, upserts, deletes, source=pending, decoded=decoded
+            )
         else:
             segments, rewritten = self._first_segments(target, upserts)
         for segment in segments:
@@ -477,10 +481,12 @@ class SnapshotWriter:
         *,
         source: Mapping[str, bytes] | None = None,
         keep: dict[str, bytes] | None = None,
+        decoded: Mapping[str, Mapping[int, list[dict[str, Any]]]] | None = None,
     ) -> tuple[list[SegmentEntry], int]:
         """The segments after the changes: those they touch rewritten, the others carried
         over. A segment is read from ``source`` when there, else from S3; the rewritten ones
-        are uploaded, or with ``keep`` kept there instead."""
+        are uploaded, or with ``keep`` kept there instead. Blocks in ``decoded`` are not
+        decoded again."""
         by_segment: dict[int, tuple[dict[int, dict[str, Any]], list[int]]] = {}
         for key, row in upserts.items():
             by_segment.setdefault(manifest.segment_index(key), ({}, []))[0][key] = row
@@ -488,9 +494,16 @@ class SnapshotWriter:
             by_segment.setdefault(manifest.segment_index(key), ({}, []))[1].append(key)
 
         # Read and rewrite the touched segments concurrently; each keeps its own range.
+        decoded = decoded or {}
         futures = {
             index: self._pool.submit(
-                self._rewrite_one, target, manifest.segments[index], *changes, source, keep
+                self._rewrite_one,
+                target,
+                manifest.segments[index],
+                *changes,
+                source,
+                keep,
+                decoded.get(manifest.segments[index].key),
             )
             for index, changes in sorted(by_segment.items())
         }
@@ -510,6 +523,7 @@ class SnapshotWriter:
         deletes: list[int],
         source: Mapping[str, bytes] | None = None,
         keep: dict[str, bytes] | None = None,
+        decoded: Mapping[int, list[dict[str, Any]]] | None = None,
     ) -> list[SegmentEntry]:
         data = source.get(segment.key) if source is not None else None
         if data is None:
@@ -523,6 +537,7 @@ class SnapshotWriter:
             block_rows=self.snapshot.block_rows,
             max_rows=self.snapshot.segment_max_rows,
             client_id=target.client_id,
+            decoded=decoded,
         )
         if not parts:
             log.debug("segment %s of %s is empty now; dropped", segment.key, target)

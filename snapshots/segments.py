@@ -339,12 +339,15 @@ def rewrite_segment(
     block_rows: int,
     max_rows: int,
     client_id: int | None = None,
+    decoded: Mapping[int, list[dict[str, Any]]] | None = None,
 ) -> list[EncodedSegment]:
     """Apply changes to a segment; return its new parts ([] when no row is left).
 
     Only the blocks holding changed keys (a new key belongs to the block whose range it
-    falls in) are decoded and re-encoded; the others are copied as they are. When the file
-    was written with another codec than ``codec`` the whole segment is re-encoded instead.
+    falls in) are decoded and re-encoded; the others are copied as they are. ``decoded``
+    holds the rows of blocks (by index) the caller decoded already from these same bytes;
+    they are not decoded again. When the file was written with another codec than
+    ``codec`` the whole segment is re-encoded instead.
     """
     _check_changes(dataset, upserts, deletes)
     block_rows = max(1, min(block_rows, max_rows))
@@ -380,13 +383,14 @@ def rewrite_segment(
         result += _rewrite_run(
             dataset,
             container,
-            blocks[index:end],
+            [(i, blocks[i]) for i in range(index, end)],
             [key for i in range(index, end) for key in touched[i]],
             upserts,
             deletes,
             block_rows=block_rows,
             client_id=client_id,
             after=blocks[index - 1].last_key if index else None,
+            decoded=decoded or {},
         )
         index = end
 
@@ -396,7 +400,7 @@ def rewrite_segment(
 def _rewrite_run(
     dataset: Dataset,
     container: _container.Container,
-    run: list[_Block],
+    run: list[tuple[int, _Block]],
     keys: list[int],
     upserts: Mapping[int, dict[str, Any]],
     deletes: Collection[int],
@@ -404,9 +408,14 @@ def _rewrite_run(
     block_rows: int,
     client_id: int | None,
     after: int | None,
+    decoded: Mapping[int, list[dict[str, Any]]],
 ) -> list[_Block]:
-    """Decode a run of adjacent touched blocks, apply their changes, encode them again."""
-    existing = itertools.chain.from_iterable(_decode_block(container, b.raw) for b in run)
+    """Decode a run of adjacent touched blocks (unless ``decoded`` holds them), apply their
+    changes, encode them again."""
+    existing = itertools.chain.from_iterable(
+        decoded[index] if index in decoded else _decode_block(container, block.raw)
+        for index, block in run
+    )
     run_upserts = {key: upserts[key] for key in keys if key in upserts}
     run_deletes = [key for key in keys if key not in upserts]
     rows = _apply(dataset, existing, run_upserts, run_deletes)

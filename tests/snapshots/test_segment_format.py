@@ -201,6 +201,25 @@ def test_block_level_and_full_rewrite_agree(make_row: Any) -> None:
     assert fast[0].checksum == slow[0].checksum
 
 
+def test_blocks_the_caller_decoded_are_taken_as_given(make_row: Any) -> None:
+    rows, data = _base(make_row)
+    options: dict[str, Any] = {"codec": "zstandard", "block_rows": 10, "max_rows": 1000}
+    upserts = {60: make_row(RAW, 60, version=9)}
+    # Block 3 holds keys 60..78: as the caller decoded it, with key 62 at a version the bytes
+    # do not hold, so that the result shows where its rows came from.
+    block = [dict(row) for row in rows[30:40]]
+    block[1]["row_version"] = 77
+
+    (plain,) = rewrite_segment(RAW, data, upserts, [], **options)
+    (given,) = rewrite_segment(RAW, data, upserts, [], **options, decoded={3: block})
+
+    assert _rows_of([plain]) == _expected(rows, upserts, [])
+    by_key = {row["id"]: row for row in _rows_of([given])}
+    assert by_key[62]["row_version"] == 77
+    assert by_key[60] == upserts[60]
+    assert given.checksum == _checksum(RAW, list(by_key.values()))
+
+
 def test_a_segment_over_max_rows_splits_into_contiguous_parts(make_row: Any) -> None:
     rows, data = _base(make_row)  # 100 rows in blocks of 10
     upserts = {k: make_row(RAW, k) for k in range(1, 120, 2)}  # 60 odd keys: 160 rows
