@@ -355,11 +355,11 @@ class Reconciler:
         the same way now count as drift. Returns the differences found when not repairing
         (None when the target needs a bootstrap).
         """
-        self._restore_registry(target, report)
+        state = self._restore_registry(target, report)
         for attempt in range(1, self.options.max_attempts + 1):
             report.attempts = attempt
             try:
-                comparison = self._compare(target, report)
+                comparison = self._compare(target, report, state)
             except _Rebuild as rebuild:
                 report.reason = rebuild.reason
                 if not repair:
@@ -382,6 +382,7 @@ class Reconciler:
             except PublishConflict as conflict:
                 # The consumer published meanwhile: compare again, its publish may hold the fix.
                 log.warning("%s; comparing %s again (attempt %d)", conflict, target, attempt)
+                state = None
                 continue
             return None
         raise _gave_up(target, self.options.max_attempts)
@@ -413,13 +414,20 @@ class Reconciler:
         else:
             report.outcome, report.method = IN_SYNC, None
 
-    def _restore_registry(self, target: Target, report: TargetReport) -> None:
-        """Step 1: rebuild the registry entry from S3 if Redis lost it (not in a dry run)."""
-        if self.options.dry_run or self.registry.get(target) is not None:
-            return
+    def _restore_registry(self, target: Target, report: TargetReport) -> TargetState | None:
+        """Step 1: rebuild the registry entry from S3 if Redis lost it (not in a dry run).
+
+        Returns the entry as Redis held it, when it did: the first comparison starts there.
+        """
+        if self.options.dry_run:
+            return None
+        state = self.registry.get(target)
+        if state is not None:
+            return state
         if reindex(self.registry, self.store, self.root, [target]):
             report.registry_rebuilt = True
             log.warning("registry entry of %s was missing; rebuilt from S3", target)
+        return None
 
     def _state(self, target: Target, report: TargetReport) -> TargetState | None:
         state = self.registry.get(target)
@@ -432,9 +440,13 @@ class Reconciler:
                 return TargetState.of(manifest, key)
         return state
 
-    def _compare(self, target: Target, report: TargetReport) -> _Comparison:
-        """Steps 2 to 4: the differences between the target's snapshot and the database."""
-        state = self._state(target, report)
+    def _compare(
+        self, target: Target, report: TargetReport, state: TargetState | None = None
+    ) -> _Comparison:
+        """Steps 2 to 4: the differences between the target's snapshot and the database,
+        from ``state`` when the caller has just read it from Redis."""
+        if state is None:
+            state = self._state(target, report)
         manifest = self._manifest(target, state) if state is not None else None
         report.version_before = state.version if state is not None else None
         # A manifest with deltas is compared as if compacted: its deltas are folded into the

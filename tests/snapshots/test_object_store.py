@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 
+import botocore.utils
 import pytest
 
-from snapshots.store import ObjectStore
+from snapshots.store import ObjectStore, parse_timestamp
 from storage_builder.errors import ObjectStoreError
 from storage_builder.settings import Settings
 
@@ -34,6 +36,33 @@ def test_put_get_list_delete(store: ObjectStore, settings: Settings) -> None:
 
     assert store.delete_many(info.key for info in listed) == 3
     assert list(store.list(prefix)) == []
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "2026-12-03T21:37:00.000Z",  # a LIST's LastModified
+        "2026-12-03T21:37:00.123456+01:00",
+        "Thu, 03 Dec 2026 21:37:00 GMT",  # a GET's Last-Modified header
+        "Thu, 03 Dec 2026 21:37:00 -0000",
+        "1764797820",  # neither: botocore's own parser reads it
+    ],
+)
+def test_timestamps_are_read_as_botocore_reads_them(text: str) -> None:
+    assert parse_timestamp(text) == botocore.utils.parse_timestamp(text)
+    assert parse_timestamp(text).tzinfo is not None
+
+
+def test_listed_objects_carry_their_time_of_writing(store: ObjectStore, settings: Settings) -> None:
+    key = f"{settings.s3.prefix}/store/timed"
+    before = time.time()
+    store.put(key, b"x")
+
+    (info,) = store.list(key)
+
+    # S3 keeps whole seconds (S3Proxy's filesystem too): a second either side.
+    assert before - 1 <= info.last_modified <= time.time() + 1
+    store.delete_many([key])
 
 
 def test_a_missing_object_raises_with_its_key(store: ObjectStore, settings: Settings) -> None:
