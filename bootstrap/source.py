@@ -86,6 +86,39 @@ def range_query(
     return query, params
 
 
+def versions_query(dataset: Dataset) -> sql.Composed:
+    """Key and version of each row of one client in any of the given inclusive key ranges,
+    in no particular order: index range scans of the primary key, which INCLUDEs the
+    version."""
+    key = sql.Identifier(dataset.key_column)
+    return sql.SQL(
+        "SELECT t.{key}, t.{version} "
+        "FROM unnest(%s::bigint[], %s::bigint[]) AS r(lo, hi) "
+        "JOIN {schema}.{table} AS t ON t.{key} BETWEEN r.lo AND r.hi "
+        "WHERE t.{client} = %s"
+    ).format(
+        key=key,
+        version=sql.Identifier(dataset.version_column),
+        schema=sql.Identifier(dataset.schema),
+        table=sql.Identifier(dataset.name),
+        client=sql.Identifier(dataset.client_column),
+    )
+
+
+def rows_by_key_query(dataset: Dataset) -> sql.Composed:
+    """The exact rows of one client with any of the given keys, in key order."""
+    columns = sql.SQL(", ").join(_exact_expression(column) for column in dataset.columns)
+    key = sql.Identifier(dataset.key_column)
+    return sql.SQL("SELECT {} FROM {}.{} WHERE {} = %s AND {} = ANY(%s) ORDER BY {}").format(
+        columns,
+        sql.Identifier(dataset.schema),
+        sql.Identifier(dataset.name),
+        sql.Identifier(dataset.client_column),
+        key,
+        key,
+    )
+
+
 def connect(dsn: str) -> psycopg.Connection:
     """A connection for reading targets; failures name the setting to check."""
     try:
