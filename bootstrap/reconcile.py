@@ -226,6 +226,11 @@ class Reconciler:
         conn: psycopg.Connection | None = getattr(self._local, role, None)
         if conn is None or conn.closed:
             conn = source.connect(self.settings.postgres.dsn.get_secret_value())
+            # The sums are plain arithmetic over an index scan: compiling them, as PostgreSQL
+            # does for a query over a large target, costs more than it saves, and the first
+            # compile of a connection also loads LLVM (0.1 s or more, measured here).
+            conn.execute("SET jit = off")
+            conn.commit()
             setattr(self._local, role, conn)
             with self._lock:
                 self._connections.append(conn)
@@ -539,15 +544,16 @@ class Reconciler:
     ) -> list[RangeSum]:
         """The sums of the ranges the bounds cut; with an exported snapshot, the upper half of
         them is summed meanwhile on this worker's second connection, importing it."""
+        # No lowest and highest keys: a range that has to be cut is summed again with them.
         if exported_id is None or len(bounds) < 2:
-            return segment_sums(conn, target, bounds)
+            return segment_sums(conn, target, bounds, extent=False)
         edges: list[int | None] = [None, *bounds, None]
         ranges = list(zip(edges, edges[1:], strict=False))
         half = len(ranges) // 2
         upper = self._beside.submit(
             _sums_in_snapshot, self._conn("half"), exported_id, target, ranges[half:]
         )
-        return range_sums(conn, target, ranges[:half]) + upper.result()
+        return range_sums(conn, target, ranges[:half], extent=False) + upper.result()
 
     def _check_extent(
         self,
@@ -748,7 +754,7 @@ def _sums_in_snapshot(
     ranges: list[tuple[int | None, int | None]],
 ) -> list[RangeSum]:
     with source.snapshot_transaction(conn, import_id=exported_id):
-        return range_sums(conn, target, ranges)
+        return range_sums(conn, target, ranges, extent=False)
 
 
 def _header_blocks(data: bytes, segment: SegmentEntry) -> list[RangeSum] | None:
