@@ -66,6 +66,14 @@ def parse_timestamp(text: str) -> datetime:
     return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
 
 
+def _last_listed(page: dict[str, Any]) -> str | None:
+    """The key to continue a listing after: its last key, or past everything below its last
+    common prefix (no key below it sorts after the prefix and the highest code point)."""
+    last = [item["Key"] for item in page.get("Contents", [])[-1:]]
+    last += [item["Prefix"] + "\U0010ffff" for item in page.get("CommonPrefixes", [])[-1:]]
+    return max(last, default=None)
+
+
 @dataclass(frozen=True)
 class ObjectInfo:
     """One listed object."""
@@ -269,6 +277,14 @@ class ObjectStore:
                 yield item["Prefix"]
 
     def _pages(self, prefix: str, delimiter: str | None) -> Iterator[dict[str, Any]]:
+        """The pages of a listing, each continued after the last key (or common prefix) of
+        the one before.
+
+        ``StartAfter`` rather than the continuation token: some S3-compatible stores
+        (S3Proxy among them) hand back a token that is the last key URL-encoded, and read it
+        unencoded, so a listing of over 1,000 keys holding ``=`` (``client=...``) starts
+        again from an earlier key, forever. A last key is understood by every store.
+        """
         arguments: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix}
         if delimiter:
             arguments["Delimiter"] = delimiter
@@ -278,7 +294,14 @@ class ObjectStore:
             yield page
             if not page.get("IsTruncated"):
                 return
-            arguments["ContinuationToken"] = page["NextContinuationToken"]
+            after = _last_listed(page)
+            if after is None or after <= arguments.get("StartAfter", ""):
+                raise ObjectStoreError(
+                    f"listing {prefix!r} in {self._where()} made no progress past "
+                    f"{arguments.get('StartAfter')!r}: the store's pagination is broken",
+                    key=prefix,
+                )
+            arguments["StartAfter"] = after
 
     def delete_many(self, keys: Iterable[str]) -> int:
         """Delete objects in batches; returns how many were deleted."""
