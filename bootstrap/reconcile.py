@@ -225,7 +225,9 @@ class Reconciler:
         """This worker thread's connection (``role`` "half": its second one, for halves)."""
         conn: psycopg.Connection | None = getattr(self._local, role, None)
         if conn is None or conn.closed:
-            conn = source.connect(self.settings.postgres.dsn.get_secret_value())
+            conn = source.connect(
+                self.settings.postgres.dsn.get_secret_value(), snapshots_only=True
+            )
             # The sums are plain arithmetic over an index scan: compiling them, as PostgreSQL
             # does for a query over a large target, costs more than it saves, and the first
             # compile of a connection also loads LLVM (0.1 s or more, measured here).
@@ -467,9 +469,9 @@ class Reconciler:
 
         conn = self._conn()
         split = manifest is not None and manifest.rows > self.options.split_rows
-        with source.snapshot_transaction(conn, export=split) as snapshot:
+        with source.compare_transaction(conn, export=split) as exported_id:
             comparison = self._compare_in_snapshot(
-                conn, target, state, manifest, snapshot.exported_id, checked, pending
+                conn, target, state, manifest, exported_id, checked, pending
             )
         report.rows = comparison.rows
         report.segments_read += comparison.segments_read

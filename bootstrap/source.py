@@ -119,12 +119,24 @@ def rows_by_key_query(dataset: Dataset) -> sql.Composed:
     )
 
 
-def connect(dsn: str) -> psycopg.Connection:
-    """A connection for reading targets; failures name the setting to check."""
+def connect(dsn: str, *, snapshots_only: bool = False) -> psycopg.Connection:
+    """A connection for reading targets; failures name the setting to check.
+
+    With ``snapshots_only`` every transaction is a read-only REPEATABLE READ one from its
+    BEGIN, which saves a round trip per transaction to a caller that runs many small ones.
+    """
     try:
-        return psycopg.connect(dsn, connect_timeout=10)
+        conn = psycopg.connect(dsn, connect_timeout=10)
     except psycopg.Error as error:
         raise SourceError(f"cannot connect to PostgreSQL (postgres.dsn): {error}") from None
+    if snapshots_only:
+        conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+        conn.read_only = True
+    return conn
+
+
+def _snapshots_only(conn: psycopg.Connection) -> bool:
+    return conn.isolation_level == psycopg.IsolationLevel.REPEATABLE_READ and bool(conn.read_only)
 
 
 @contextmanager
@@ -137,13 +149,31 @@ def snapshot_transaction(
     only while the transaction that exported it is still open.
     """
     with conn.transaction():
-        conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        if not _snapshots_only(conn):
+            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
         if import_id is not None:
             conn.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(import_id)))
         query = "SELECT pg_current_snapshot()::text" + (", pg_export_snapshot()" if export else "")
         row = conn.execute(query).fetchone()
         assert row is not None
         yield TargetSnapshot(pg_snapshot=row[0], exported_id=row[1] if export else None)
+
+
+@contextmanager
+def compare_transaction(conn: psycopg.Connection, *, export: bool = False) -> Iterator[str | None]:
+    """A read-only REPEATABLE READ transaction for comparing a target; yields the id of its
+    exported snapshot when ``export``.
+
+    Unlike :func:`snapshot_transaction` it does not ask for the snapshot's text form, which
+    only a bootstrap records: on a connection made with ``snapshots_only``, a comparison that
+    exports nothing costs no round trip beyond its own queries.
+    """
+    if export or not _snapshots_only(conn):
+        with snapshot_transaction(conn, export=export) as snapshot:
+            yield snapshot.exported_id
+        return
+    with conn.transaction():
+        yield None
 
 
 def stream_batches(
