@@ -679,7 +679,7 @@ class Reconciler:
                 if not inside or not held.matches(_entry_sum(segment)):
                     raise _Rebuild(f"segment {segment.key} does not hold what its manifest says")
                 return {0: keys}
-            rows_of = block_rows_of(data, wanted)
+            rows_of = block_rows_of(dataset, data, wanted)
             if decoded is not None:
                 decoded.update(rows_of)
             return {index: SnapshotKeys.of_rows(dataset, rows) for index, rows in rows_of.items()}

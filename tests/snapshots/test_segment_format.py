@@ -16,6 +16,7 @@ from snapshots import _container
 from snapshots.checksums import row_hash
 from snapshots.segments import (
     EncodedSegment,
+    block_rows_of,
     encode_segment,
     encode_segments,
     iter_segment_rows,
@@ -207,7 +208,8 @@ def test_blocks_the_caller_decoded_are_taken_as_given(make_row: Any) -> None:
     upserts = {60: make_row(RAW, 60, version=9)}
     # Block 3 holds keys 60..78: as the caller decoded it, with key 62 at a version the bytes
     # do not hold, so that the result shows where its rows came from.
-    block = [dict(row) for row in rows[30:40]]
+    block = block_rows_of(RAW, data, {3})[3]
+    assert [row["id"] for row in block] == [row["id"] for row in rows[30:40]]
     block[1]["row_version"] = 77
 
     (plain,) = rewrite_segment(RAW, data, upserts, [], **options)
@@ -267,3 +269,50 @@ def test_changes_must_be_consistent(make_row: Any) -> None:
         rewrite_segment(RAW, data, {4: make_row(RAW, 4)}, [4], **options)
     with pytest.raises(InvalidTargetError):
         rewrite_segment(RAW, data, {5: make_row(RAW, 5, client_id=9)}, [], client_id=7, **options)
+
+
+@pytest.mark.parametrize("name", sorted(DATASETS))
+def test_blocks_rewritten_in_plain_values_keep_every_value_exact(name: str, make_row: Any) -> None:
+    # A rewrite of the dataset's own segments decodes and encodes blocks as days,
+    # microseconds and unscaled bytes; what comes back must still be the exact values.
+    dataset = DATASETS[name]
+    rows = [make_row(dataset, key) for key in range(0, 200, 2)]
+    data = encode_segment(dataset, rows, codec="zstandard", block_rows=10, client_id=7).data
+    upserts = {key: make_row(dataset, key, version=6) for key in (3, 44, 45, 199, 250)}
+    decoded = block_rows_of(dataset, data, {2})
+    assert [row[dataset.key_column] for row in decoded[2]] == list(range(40, 60, 2))
+
+    options: dict[str, Any] = {"codec": "zstandard", "block_rows": 10, "max_rows": 1000}
+    parts = rewrite_segment(dataset, data, upserts, [10, 58], **options, decoded=decoded)
+
+    expected = _expected(rows, upserts, [10, 58])
+    assert _rows_of(parts) == expected
+    assert parts[0].checksum == _checksum(dataset, expected)
+
+
+def test_a_segment_in_another_schema_is_rewritten_from_its_own(make_row: Any) -> None:
+    # Another tool's file: the same record with its fields in another order. Its blocks
+    # are read with the schema it carries, and none is copied into the dataset's schema.
+    rows = [make_row(RAW, key) for key in range(30)]
+    schema = RAW.avro_schema()
+    schema["fields"] = schema["fields"][::-1]
+    out = io.BytesIO()
+    fastavro.writer(out, fastavro.parse_schema(schema), rows, codec="zstandard")
+    upserts = {4: make_row(RAW, 4, version=3), 31: make_row(RAW, 31)}
+
+    decoded = block_rows_of(RAW, out.getvalue(), {0})
+    assert decoded[0][:2] == rows[:2]
+    parts = rewrite_segment(
+        RAW, out.getvalue(), upserts, [6], codec="zstandard", block_rows=10, max_rows=1000
+    )
+
+    assert _rows_of(parts) == _expected(rows, upserts, [6])
+
+
+def test_an_upsert_that_does_not_fit_the_schema_names_its_key_in_a_rewrite(
+    make_row: Any,
+) -> None:
+    _, data = _base(make_row)
+    options: dict[str, Any] = {"codec": "zstandard", "block_rows": 10, "max_rows": 1000}
+    with pytest.raises(ValueError, match="row 44 of raw_data cannot be encoded"):
+        rewrite_segment(RAW, data, {44: make_row(RAW, 44) | {"period": "soon"}}, [], **options)
