@@ -32,6 +32,7 @@ it differed the same way both times; the others are left to the consumer.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
@@ -108,12 +109,15 @@ log = logging.getLogger(__name__)
 
 Versions = tuple[int | None, int | None]
 
-# Enough for the drifted segments of a few targets at once (a segment holds up to 50,000 rows).
+# Enough for the drifted segments of a few targets at once (by default a segment holds at
+# most 20,000 rows).
 _SEGMENT_CACHE_BYTES = 64 * 1024 * 1024
 
 # The decoded rows a comparison keeps for its repair, at most (about 1 KB of memory each);
 # the blocks of a larger drift are decoded again by the repair.
 _KEEP_DECODED_ROWS = 20_000
+# How long a worker waits for the others to connect before the first target.
+_CONNECT_TIMEOUT_S = 60.0
 
 # A run over this many targets of a dataset lists the dataset's segment objects once...
 _LIST_DATASET_FROM = 20
@@ -238,6 +242,28 @@ class Reconciler:
                 self._connections.append(conn)
         return conn
 
+    def connect(self) -> None:
+        """Give every worker thread its two database connections, unless it has them: a run
+        does so before its first target, so that a wrong ``postgres.dsn`` fails the run once
+        rather than every target, and no target's time includes connecting."""
+        parallel = self.options.parallel
+        # Each call holds its thread at the barrier until all have connected, so that the
+        # calls land on as many distinct threads.
+        barrier = threading.Barrier(parallel)
+
+        def connect_one(_: int) -> None:
+            try:
+                self._conn()
+                self._conn("half")
+            except BaseException:
+                barrier.abort()
+                raise
+            # A broken barrier means another worker failed to connect: its error is raised.
+            with contextlib.suppress(threading.BrokenBarrierError):
+                barrier.wait(timeout=_CONNECT_TIMEOUT_S)
+
+        list(self._workers.map(connect_one, range(parallel)))
+
     def _drop_conn(self) -> None:
         for role in ("conn", "half"):
             conn = getattr(self._local, role, None)
@@ -258,6 +284,7 @@ class Reconciler:
         requests_before = self.store.requests
         started = time.monotonic()
         self.registry.ping()
+        self.connect()
         self._list_datasets(targets)
         reports = {target: TargetReport(target) for target in targets}
 

@@ -118,7 +118,10 @@ class S3Settings(_Section):
 class SnapshotSettings(_Section):
     """How snapshots are cut into segments and how long superseded objects live."""
 
-    segment_max_rows: int = Field(default=50_000, ge=2)
+    # A rewrite uploads its segment whole, however few blocks it re-encodes: 20,000-row
+    # segments (about 450 KB of raw_data) halve the time ten rewrites take to upload against
+    # 50,000-row ones, for one object per 20,000 rows of a large target.
+    segment_max_rows: int = Field(default=20_000, ge=2)
     # 500-row blocks keep a rewrite of a few keys 8-10x cheaper than re-encoding the
     # segment, for about 5% more bytes than 2,000-row blocks.
     block_rows: int = Field(default=500, ge=1)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import psycopg
 import pytest
+from pydantic import SecretStr
 from reconcile_helpers import (
     ROWS,
     SEGMENT_ROWS,
@@ -35,6 +36,7 @@ from schemas.datasets import Target, get_dataset
 from snapshots.manifest import SourcePosition
 from snapshots.publish import DeltaPublish, SnapshotWriter
 from snapshots.segments import encode_segment, iter_segment_rows
+from storage_builder.errors import SourceError
 from storage_builder.settings import Settings
 
 CONSUMER_OFFSETS = {"sb.public.raw_data:3": 41_000}
@@ -561,3 +563,23 @@ def test_drift_under_deltas_is_repaired_with_the_deltas_folded_in(
     assert state is not None and "#" not in state.manifest_key
     assert writer.load_manifest(state, bootstrapped).deltas == []
     assert reconciler.run([bootstrapped]).targets[0].outcome == IN_SYNC
+
+
+def test_a_wrong_database_address_fails_the_run_once_naming_the_setting(
+    bootstrapped: Target, small_settings: Settings
+) -> None:
+    # Port 1 on loopback: nothing listens there, so connecting is refused at once.
+    postgres = small_settings.postgres.model_copy(
+        update={"dsn": SecretStr("postgresql://storage_builder@127.0.0.1:1/storage_builder")}
+    )
+    settings = small_settings.model_copy(update={"postgres": postgres})
+    done: list[TargetReport] = []
+
+    with (
+        Reconciler(settings, ReconcileOptions(parallel=3)) as broken,
+        pytest.raises(SourceError, match=r"postgres\.dsn"),
+    ):
+        broken.run([bootstrapped], on_done=done.append)
+
+    assert done == []
+    assert broken.store.requests == 0
