@@ -21,13 +21,13 @@ import json
 import math
 import os
 from bisect import bisect_right
-from collections.abc import Collection, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import cache
-from typing import Any, cast
+from typing import Any
 
 import fastavro
-from fastavro.write import Writer
+from fastavro.write import LOGICAL_WRITERS, Writer
 
 from schemas.datasets import Dataset
 from snapshots import _container
@@ -114,15 +114,33 @@ def _plain_header(dataset: Dataset, container: _container.Container) -> bytes | 
     return _container.build_header(metadata, container.sync)
 
 
+@cache
+def _plain_converters(dataset: Dataset) -> list[tuple[str, Callable[[Any, Any], Any], Any]]:
+    """Per column with a logical type: its name, fastavro's own conversion to the plain
+    value, and the type it converts to."""
+    converters = []
+    for column in dataset.avro_schema()["fields"]:
+        kind = column["type"]
+        if isinstance(kind, list):  # ["null", type]
+            kind = next(member for member in kind if member != "null")
+        if isinstance(kind, dict) and "logicalType" in kind:
+            converter = LOGICAL_WRITERS[f"{kind['type']}-{kind['logicalType']}"]
+            converters.append((column["name"], converter, kind))
+    return converters
+
+
 def _plain_row(dataset: Dataset, key: int, row: dict[str, Any]) -> dict[str, Any]:
-    """A row of exact Python values in the plain form of :func:`_plain_schemas`."""
-    buffer = io.BytesIO()
+    """A row of exact Python values in the plain form of :func:`_plain_schemas`; a value of
+    another type is left as it is, for the encoder to refuse naming the row."""
+    plain = dict(row)
     try:
-        fastavro.schemaless_writer(buffer, _schemas(dataset)[0], row)
-    except (ValueError, TypeError, AttributeError, KeyError) as error:
+        for name, convert, kind in _plain_converters(dataset):
+            value = plain.get(name)
+            if value is not None:
+                plain[name] = convert(value, kind)
+    except (ValueError, TypeError, AttributeError, ArithmeticError) as error:
         raise ValueError(f"row {key} of {dataset.name} cannot be encoded: {error!r}") from None
-    buffer.seek(0)
-    return cast(dict[str, Any], fastavro.schemaless_reader(buffer, _plain_schemas(dataset)[0]))
+    return plain
 
 
 def _encode_blocks(
