@@ -72,6 +72,9 @@ def _schemas(dataset: Dataset) -> tuple[Any, bytes]:
     return fastavro.parse_schema(schema), json.dumps(schema, separators=(",", ":")).encode()
 
 
+_LOGICAL_ATTRIBUTES = ("logicalType", "precision", "scale")
+
+
 def _without_logical_types(node: Any) -> Any:
     """An Avro schema with each logical type replaced by the type it annotates."""
     if isinstance(node, list):
@@ -82,9 +85,6 @@ def _without_logical_types(node: Any) -> Any:
         plain = {name: value for name, value in node.items() if name not in _LOGICAL_ATTRIBUTES}
         return plain["type"] if len(plain) == 1 else plain
     return {name: _without_logical_types(value) for name, value in node.items()}
-
-
-_LOGICAL_ATTRIBUTES = ("logicalType", "precision", "scale")
 
 
 @cache
@@ -328,10 +328,6 @@ def segment_metadata(data: bytes) -> dict[str, str]:
     return {name: value.decode() for name, value in metadata.items()}
 
 
-def _decode_block(container: _container.Container, raw: bytes) -> list[dict[str, Any]]:
-    return _read_block(container.header, raw)
-
-
 def _read_block(header: bytes, raw: bytes) -> list[dict[str, Any]]:
     # A block alone behind a header with the file's sync marker is a valid container.
     return list(fastavro.reader(io.BytesIO(header + raw)))  # type: ignore[arg-type]
@@ -350,7 +346,7 @@ def _known_blocks(dataset: Dataset, container: _container.Container) -> list[_Bl
     # A segment written by another tool: decode each block once to learn what it holds.
     blocks = []
     for block in container.blocks:
-        rows = _decode_block(container, block.raw)
+        rows = _read_block(container.header, block.raw)
         checksum = sum(
             row_hash(row[dataset.key_column], row[dataset.version_column]) for row in rows
         )
