@@ -19,6 +19,7 @@ import logging
 from bisect import bisect_left
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from itertools import accumulate
 from typing import Any
 
@@ -27,7 +28,7 @@ from psycopg import sql
 
 from bootstrap.source import rows_by_key_query, versions_query
 from schemas.datasets import Dataset, Target, get_dataset
-from snapshots.checksums import row_hash, sql_hash_of_residues, sql_hash_residues
+from snapshots.checksums import row_hash, sql_row_hash
 from storage_builder.errors import SnapshotFormatError
 
 log = logging.getLogger(__name__)
@@ -83,7 +84,11 @@ class RowDifference:
 
 
 class SnapshotKeys:
-    """The (key, version) pairs of part of a snapshot, sorted, with prefix sums of hashes."""
+    """The (key, version) pairs of part of a snapshot, sorted, with prefix sums of hashes.
+
+    The hashes are computed when a sum is first asked for: a block whose sum its segment's
+    header holds is compared row by row without them.
+    """
 
     def __init__(self, pairs: Iterable[tuple[int, int]]) -> None:
         self.keys: list[int] = []
@@ -91,8 +96,11 @@ class SnapshotKeys:
         for key, version in pairs:
             self.keys.append(key)
             self.versions.append(version)
+
+    @cached_property
+    def _prefix(self) -> list[int]:
         hashes = (row_hash(k, v) for k, v in zip(self.keys, self.versions, strict=True))
-        self._prefix = [0, *accumulate(hashes)]
+        return [0, *accumulate(hashes)]
 
     @classmethod
     def of_rows(cls, dataset: Dataset, rows: Iterable[dict[str, Any]]) -> SnapshotKeys:
@@ -123,15 +131,20 @@ class SnapshotKeys:
 
 @dataclass(frozen=True)
 class KeyRange:
-    """Keys in ``[lo, hi)`` of a target (None: unbounded), with the snapshot's side of it."""
+    """Keys in ``[lo, hi)`` of a target (None: unbounded), with the snapshot's side of it.
+
+    ``held`` is the snapshot's sum of the range when it is known already (a block's, from
+    its segment header); otherwise it is computed from the keys.
+    """
 
     lo: int | None
     hi: int | None
     snapshot: SnapshotKeys
+    held: RangeSum | None = None
 
     @property
     def snapshot_sum(self) -> RangeSum:
-        return self.snapshot.sum(self.lo, self.hi)
+        return self.held if self.held is not None else self.snapshot.sum(self.lo, self.hi)
 
     def bounds(self) -> tuple[int, int]:
         """Inclusive bounds as PostgreSQL compares them."""
@@ -153,32 +166,25 @@ def _table(dataset: Dataset) -> sql.Composable:
 def range_sums_query(dataset: Dataset, *, extent: bool = True) -> sql.Composed:
     """Row count, checksum and lowest and highest key of each of any number of key ranges.
 
-    One index range scan per range (``BETWEEN`` inclusive bounds, in the order given). The
-    inner subquery computes each row's two hash residues once; ``OFFSET 0`` keeps PostgreSQL
-    from folding it into the aggregate, which would write, and so evaluate, each residue
-    twice (a quarter of the whole query's time on a million rows). Without ``extent`` the
-    lowest and highest keys are left out (NULL): a tenth of the query's time, and only a
-    range that has to be cut needs them.
+    One index range scan per range (``BETWEEN`` inclusive bounds, in the order given).
+    Without ``extent`` the lowest and highest keys are left out (NULL): a tenth of the
+    query's time, and only a range that has to be cut needs them.
     """
     key = f't."{dataset.key_column}"'
-    x, y = sql_hash_residues(key, f't."{dataset.version_column}"')
-    lowest, highest = ("min(h.k)", "max(h.k)") if extent else ("NULL::bigint", "NULL::bigint")
+    lowest, highest = (f"min({key})", f"max({key})") if extent else ("NULL", "NULL")
     # The dataset's column names are constants of this code base, never input.
     return sql.SQL(
         "SELECT s.rows, s.checksum, s.min_key, s.max_key "
         "FROM unnest(%s::bigint[], %s::bigint[]) WITH ORDINALITY AS r(lo, hi, n) "
         "CROSS JOIN LATERAL (SELECT count(*) AS rows, coalesce(sum({hash}), 0) AS checksum, "
-        "{lowest} AS min_key, {highest} AS max_key "
-        "FROM (SELECT {key} AS k, {x} AS x, {y} AS y FROM {table} AS t "
-        "WHERE t.{client} = %s AND {key} BETWEEN r.lo AND r.hi OFFSET 0) AS h) AS s "
+        "{lowest}::bigint AS min_key, {highest}::bigint AS max_key "
+        "FROM {table} AS t WHERE t.{client} = %s AND {key} BETWEEN r.lo AND r.hi) AS s "
         "ORDER BY r.n"
     ).format(
-        hash=sql.SQL(sql_hash_of_residues("h.x", "h.y")),
+        hash=sql.SQL(sql_row_hash(key, f't."{dataset.version_column}"')),
         lowest=sql.SQL(lowest),
         highest=sql.SQL(highest),
         key=sql.SQL(key),
-        x=sql.SQL(x),
-        y=sql.SQL(y),
         table=_table(dataset),
         client=sql.Identifier(dataset.client_column),
     )

@@ -30,7 +30,6 @@ from typing import Any
 from bootstrap.source import PG_EPOCH_DAYS, PG_EPOCH_MICROS
 from schemas.datasets import Column, Dataset
 from snapshots import _container
-from snapshots.checksums import row_hash
 from snapshots.segments import EncodedSegment, SegmentBlock, segment_from_blocks
 
 Row = Sequence[Any]
@@ -157,19 +156,18 @@ def compile_block_encoder(dataset: Dataset) -> BlockEncoder:
     """``encode(rows, append, after) -> (last key, checksum)`` for ``dataset``.
 
     Appends the Avro binary of every row to ``append``; checks that keys ascend from
-    ``after``; sums the row hashes (:func:`snapshots.checksums.row_hash`). The client
-    column is not encoded from the row: its bytes come as ``client`` (the encoder's caller
-    reads one client only).
+    ``after``; sums the row hashes, which come as each row's last value (see
+    :mod:`bootstrap.source`). The client column is not encoded from the row: its bytes come
+    as ``client`` (the encoder's caller reads one client only).
     """
     names = [f"v{index}" for index in range(len(dataset.columns))]
     key = names[dataset.column_names.index(dataset.key_column)]
-    version = names[dataset.column_names.index(dataset.version_column)]
     lines = [
         "def encode_block(rows, append, after, client):",
         "    checksum = 0",
         # Below any bigint: the first key then needs no test of its own.
         "    previous = -(2**64) if after is None else after",
-        f"    for {', '.join(names)}, in rows:",
+        f"    for {', '.join(names)}, row_hash in rows:",
         f"        if {key} <= previous:",
         f"            raise ValueError(f'rows are not in ascending key order at key {{{key}}}')",
         f"        previous = {key}",
@@ -188,7 +186,7 @@ def compile_block_encoder(dataset: Dataset) -> BlockEncoder:
         else:
             lines += ["        " + line for line in body]
     lines += [
-        f"        checksum += row_hash({key}, {version})",
+        "        checksum += row_hash",
         "    return previous, checksum",
     ]
     namespace: dict[str, Any] = {
@@ -197,7 +195,6 @@ def compile_block_encoder(dataset: Dataset) -> BlockEncoder:
         "encode_long": encode_long,
         "_INFINITE_DATES": _INFINITE_DATES,
         "_INFINITE_TIMESTAMPS": _INFINITE_TIMESTAMPS,
-        "row_hash": row_hash,
     }
     exec(compile("\n".join(lines), f"<block encoder of {dataset.name}>", "exec"), namespace)
     encoder: BlockEncoder = namespace["encode_block"]

@@ -37,6 +37,7 @@ import json
 import logging
 import threading
 import time
+from bisect import bisect_left
 from collections import Counter
 from collections.abc import Callable, Collection, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -78,7 +79,7 @@ from bootstrap.reconcile_report import (
 from schemas.datasets import DATASETS, Target, get_dataset, parse_client_id
 from snapshots import keys as object_keys
 from snapshots.checksums import parse_checksum
-from snapshots.manifest import Manifest, SegmentEntry
+from snapshots.manifest import FORMAT_VERSION, Manifest, SegmentEntry
 from snapshots.publish import SnapshotWriter
 from snapshots.registry import (
     TargetState,
@@ -562,6 +563,7 @@ class Reconciler:
             )
         except TooManyDifferences as error:
             raise _Rebuild(str(error)) from None
+        _check_headers(target, ranges, comparison.differences)
         return comparison
 
     def _bucket_sums(
@@ -600,9 +602,15 @@ class Reconciler:
 
     def _manifest(self, target: Target, state: TargetState) -> Manifest:
         try:
-            return self.writer.load_manifest(state, target)
+            manifest = self.writer.load_manifest(state, target)
         except (ObjectStoreError, SnapshotFormatError) as error:
             raise _Rebuild(f"manifest {state.manifest_key} cannot be read: {error}") from None
+        if manifest.format_version != FORMAT_VERSION:
+            raise _Rebuild(
+                f"manifest {state.manifest_key} is of format {manifest.format_version}, "
+                f"whose checksums cannot be compared with the database's (format {FORMAT_VERSION})"
+            )
+        return manifest
 
     def _fold(self, target: Target, manifest: Manifest) -> tuple[Manifest, dict[str, bytes]]:
         try:
@@ -681,9 +689,19 @@ class Reconciler:
         wanted = {i for i, block in enumerate(blocks) if not found[i].matches(block)}
         keys = self._decode(target, segment, data, wanted, decoded)
         for index in wanted:
-            if not keys[index].total.matches(blocks[index]):
+            held, header = keys[index], blocks[index]
+            if (len(held.keys), held.keys[:1], held.keys[-1:]) != (
+                header.rows,
+                [header.min_key],
+                [header.max_key],
+            ):
                 raise _Rebuild(f"block {index} of segment {segment.key} differs from its header")
-        return [(KeyRange(*block_bounds[i], keys[i]), found[i]) for i in sorted(wanted)]
+        # The header's checksums stand for the blocks' own: hashing their rows again would
+        # cost more than the rest of the comparison. A header that misstates one is caught
+        # after the row by row comparison (see _check_headers).
+        return [
+            (KeyRange(*block_bounds[i], keys[i], held=blocks[i]), found[i]) for i in sorted(wanted)
+        ]
 
     def _decode(
         self,
@@ -802,6 +820,26 @@ def _header_blocks(data: bytes, segment: SegmentEntry) -> list[RangeSum] | None:
     if not (inside and keys == sorted(keys) and total.matches(_entry_sum(segment))):
         raise SnapshotFormatError(f"the header of segment {segment.key} contradicts its manifest")
     return blocks
+
+
+def _check_headers(
+    target: Target,
+    ranges: Sequence[tuple[KeyRange, RangeSum]],
+    differences: Sequence[RowDifference],
+) -> None:
+    """A block whose sum in its segment header differs from the database's while none of
+    its rows do has a header that misstates it: the target is rebuilt."""
+    keys = [difference.key for difference in differences]  # sorted
+    for key_range, _ in ranges:
+        if key_range.held is None:
+            continue
+        lo, hi = key_range.bounds()
+        start = bisect_left(keys, lo)
+        if start == len(keys) or keys[start] > hi:
+            raise _Rebuild(
+                f"a segment header of {target} misstates the checksum of its block of keys "
+                f"{lo} to {hi}: the rows themselves equal the database's"
+            )
 
 
 def _block_bounds(segment: SegmentEntry) -> list[tuple[int | None, int | None]]:

@@ -19,7 +19,11 @@ from schemas.datasets import Target
 from snapshots.checksums import parse_checksum
 from storage_builder.errors import SnapshotFormatError
 
-FORMAT_VERSION = 1
+# Format 1 summed an earlier row hash than :mod:`snapshots.checksums` computes: its
+# checksums cannot be compared with the database, so reconciliation rebuilds such a target.
+# Every other reader takes both formats alike.
+FORMAT_VERSION: Literal[2] = 2
+FormatVersion = Literal[1, 2]
 
 
 class SourcePosition(BaseModel):
@@ -98,6 +102,9 @@ class DeltaEntry(BaseModel):
 class Manifest(BaseModel):
     """The content of one published snapshot version of a target.
 
+    A version written over another keeps its ``format_version``: its segments' checksums
+    are still partly the other's.
+
     ``deltas`` are applied over the segments in order, the later winning (see
     :mod:`snapshots.packs`); the consumer writes at most one, cumulative. ``rows`` counts
     the segments' rows alone.
@@ -105,7 +112,7 @@ class Manifest(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    format_version: Literal[1] = 1
+    format_version: FormatVersion = FORMAT_VERSION
     dataset: str
     client_id: int
     version: int = Field(ge=1)

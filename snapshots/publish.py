@@ -26,7 +26,14 @@ from schemas.datasets import Target, get_dataset
 from snapshots import keys as object_keys
 from snapshots.checksums import format_checksum
 from snapshots.faults import crash_point
-from snapshots.manifest import DeltaEntry, Manifest, SegmentEntry, SourcePosition
+from snapshots.manifest import (
+    FORMAT_VERSION,
+    DeltaEntry,
+    FormatVersion,
+    Manifest,
+    SegmentEntry,
+    SourcePosition,
+)
 from snapshots.packs import Changes, PackBuilder, encode_delta
 from snapshots.reader import read_delta_changes
 from snapshots.registry import TargetState, VersionRegistry
@@ -198,8 +205,10 @@ class SnapshotWriter:
         expected_version: int | None,
         segments: list[SegmentEntry],
         position: SourcePosition,
+        format_version: FormatVersion = FORMAT_VERSION,
     ) -> Manifest:
-        """Publish a new version of ``target`` made of ``segments`` (already uploaded).
+        """Publish a new version of ``target`` made of ``segments`` (already uploaded);
+        ``format_version`` is the checksum format of the version it replaces, if any.
 
         Raises PublishConflict, having deleted its manifest, when ``expected_version`` is no
         longer the target's current version.
@@ -208,6 +217,7 @@ class SnapshotWriter:
             object_keys.check_key(self.root, target, segment.key)
         version = (expected_version or 0) + 1
         manifest = Manifest(
+            format_version=format_version,
             dataset=target.dataset,
             client_id=target.client_id,
             version=version,
@@ -276,6 +286,7 @@ class SnapshotWriter:
                 results[index] = error
                 continue
             manifest = Manifest(
+                format_version=item.manifest.format_version,
                 dataset=target.dataset,
                 client_id=target.client_id,
                 version=item.expected.version + 1,
@@ -448,7 +459,9 @@ class SnapshotWriter:
             if pending is not None and segment.key in pending:
                 self.store.put(segment.key, pending[segment.key])
 
-        published = self.publish(target, expected.version, segments, position)
+        published = self.publish(
+            target, expected.version, segments, position, manifest.format_version
+        )
         return ApplyResult(
             manifest=published,
             segments_rewritten=rewritten,

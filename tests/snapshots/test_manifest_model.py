@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from schemas.datasets import Target
-from snapshots.manifest import Manifest, SegmentEntry, SourcePosition
+from snapshots.manifest import FORMAT_VERSION, Manifest, SegmentEntry, SourcePosition
 from storage_builder.errors import SnapshotFormatError
 
 
@@ -64,8 +64,14 @@ def test_json_round_trip_keeps_everything() -> None:
     manifest = _manifest([_entry(None, 100, 1, 50), _entry(100, None, 100, 150)])
     loaded = Manifest.load(manifest.to_json(), Target("raw_data", 7), "k")
     assert loaded == manifest
-    assert loaded.format_version == 1
+    assert loaded.format_version == FORMAT_VERSION == 2
     assert loaded.checksum == -246
+
+
+def test_a_manifest_of_the_earlier_format_still_loads() -> None:
+    manifest = _manifest([_entry(None, None, 1, 50)])
+    earlier = manifest.model_copy(update={"format_version": 1}).to_json()
+    assert Manifest.load(earlier, Target("raw_data", 7), "k").format_version == 1
 
 
 @pytest.mark.parametrize(
@@ -112,7 +118,7 @@ def test_a_manifest_of_another_client_is_refused() -> None:
 def test_garbage_and_unknown_format_versions_are_refused() -> None:
     with pytest.raises(SnapshotFormatError, match="manifest 'k' is invalid"):
         Manifest.load(b"{not json", Target("raw_data", 7), "k")
-    body = _manifest([]).model_dump(mode="json") | {"format_version": 2}
+    body = _manifest([]).model_dump(mode="json") | {"format_version": 3}
     import orjson
 
     with pytest.raises(SnapshotFormatError, match="format_version"):

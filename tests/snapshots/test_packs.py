@@ -12,7 +12,7 @@ import redis
 from schemas.datasets import DATASETS, Target
 from snapshots import _container
 from snapshots import keys as object_keys
-from snapshots.manifest import Manifest, SourcePosition
+from snapshots.manifest import FORMAT_VERSION, Manifest, SourcePosition
 from snapshots.packs import (
     IndexTooLong,
     Location,
@@ -207,6 +207,33 @@ def test_a_compaction_folds_the_deltas_into_segments(
     assert compacted.segments_rewritten == 3
     assert _rows(settings, target) == [row for row in before if row["id"] != 48]
     assert "#" not in _state(small_writer, target).manifest_key
+
+
+def test_versions_written_over_the_earlier_checksum_format_keep_it(
+    small_writer: SnapshotWriter, two_targets: list[Target], make_row: Any
+) -> None:
+    # Their untouched segments still hold checksums of format 1: calling the result format 2
+    # would make reconciliation compare them with the database as if they were current.
+    target = two_targets[0]
+    state = _state(small_writer, target)
+    manifest = small_writer.load_manifest(state, target)
+    small_writer.publish(
+        target, state.version, manifest.segments, manifest.source_position, format_version=1
+    )
+    row = make_row(RAW, 3, target.client_id, 2)
+
+    [result] = small_writer.publish_deltas([_delta(small_writer, target, {3: row}, [], 1)])
+    assert not isinstance(result, Exception)
+    state = _state(small_writer, target)
+    compacted = small_writer.apply_changes(target, {}, [48], state.source_position, state)
+
+    assert result.manifest.format_version == 1
+    assert compacted.manifest.format_version == 1
+    assert compacted.segments_rewritten == 2
+    # A publish that names no format, as a bootstrap's, is of the current one.
+    other = _state(small_writer, two_targets[1])
+    rebuilt = small_writer.publish(two_targets[1], other.version, [], other.source_position)
+    assert rebuilt.format_version == FORMAT_VERSION == 2
 
 
 def test_a_lost_publish_in_a_pack_costs_only_its_target_and_is_never_restored(
