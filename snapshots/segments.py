@@ -153,9 +153,11 @@ def _encode_blocks(
     client_id: int | None,
     after: int | None = None,
     plain: bool = False,
+    checksum_of_all: int | None = None,
 ) -> list[_Block]:
     """Encode rows (ascending keys, all above ``after``) into blocks of ``block_rows``; with
-    ``plain``, rows in the form of :func:`_plain_schemas`."""
+    ``plain``, rows in the form of :func:`_plain_schemas`. ``checksum_of_all``, the rows'
+    checksum when the caller knows it, saves hashing them; they must then fit one block."""
     parsed, _ = _plain_schemas(dataset) if plain else _schemas(dataset)
     key_column, version_column = dataset.key_column, dataset.version_column
     client_column = dataset.client_column
@@ -182,7 +184,8 @@ def _encode_blocks(
         if count == 0:
             first = key
         count += 1
-        checksum += row_hash(key, row[version_column])
+        if checksum_of_all is None:
+            checksum += row_hash(key, row[version_column])
         previous = key
         if count == block_rows:
             writer.flush()
@@ -194,6 +197,10 @@ def _encode_blocks(
         writer.flush()
         offsets.append(out.tell())
         infos.append((first, previous, count, checksum))  # type: ignore[arg-type]
+    if checksum_of_all is not None:
+        if len(infos) > 1:
+            raise ValueError(f"{len(infos)} blocks of {dataset.name} under one known checksum")
+        infos = [(*info[:3], checksum_of_all) for info in infos]
     body = out.getbuffer()
     blocks = [
         _Block(bytes(body[start:end]), *info)
@@ -498,13 +505,20 @@ def _rewrite_run(
 ) -> list[_Block]:
     """Decode a run of adjacent touched blocks (unless ``decoded`` holds them), apply their
     changes, encode them again, all in plain values (see :func:`_plain_schemas`)."""
-    existing = itertools.chain.from_iterable(
-        decoded[index] if index in decoded else _read_block(plain_header, block.raw)
-        for index, block in run
+    existing = list(
+        itertools.chain.from_iterable(
+            decoded[index] if index in decoded else _read_block(plain_header, block.raw)
+            for index, block in run
+        )
     )
     run_upserts = {key: _plain_row(dataset, key, upserts[key]) for key in keys if key in upserts}
     run_deletes = [key for key in keys if key not in upserts]
     rows = _apply(dataset, existing, run_upserts, run_deletes)
+    # A run that still fits one block gets its checksum from the blocks' own, corrected by
+    # the changed rows alone: hashing every row again would cost as much as encoding them.
+    checksum = None
+    if len(rows) <= block_rows:
+        checksum = _changed_checksum(dataset, run, existing, run_upserts, set(keys))
     return _encode_blocks(
         dataset,
         rows,
@@ -514,7 +528,27 @@ def _rewrite_run(
         client_id=client_id,
         after=after,
         plain=True,
+        checksum_of_all=checksum,
     )
+
+
+def _changed_checksum(
+    dataset: Dataset,
+    run: list[tuple[int, _Block]],
+    existing: list[dict[str, Any]],
+    upserts: Mapping[int, dict[str, Any]],
+    changed: set[int],
+) -> int:
+    """The checksum of a run of blocks after changes: theirs, less the rows the changes
+    replace or delete, plus the rows they upsert."""
+    key_column, version_column = dataset.key_column, dataset.version_column
+    checksum = sum(block.checksum for _, block in run)
+    for row in existing:
+        if row[key_column] in changed:
+            checksum -= row_hash(row[key_column], row[version_column])
+    for key, row in upserts.items():
+        checksum += row_hash(key, row[version_column])
+    return checksum
 
 
 def _parts(

@@ -166,6 +166,29 @@ def test_rewrite_applies_updates_inserts_and_deletes(make_row: Any) -> None:
     assert segment_metadata(parts[0].data)["sb.client_id"] == "7"
 
 
+def test_every_rewritten_block_keeps_the_checksum_of_its_own_rows(make_row: Any) -> None:
+    rows, data = _base(make_row)
+    # Blocks of ten even keys: in the first an update and a delete, and in the seventh a
+    # delete and an insert, leave one block each (whose checksum is corrected by the changed
+    # rows); an insert into the third and three into the fourth overfill them (cut again).
+    upserts = {4: make_row(RAW, 4, version=7), 41: make_row(RAW, 41, version=3)}
+    upserts |= {key: make_row(RAW, key, version=2) for key in (61, 63, 65, 121)}
+    deletes = [8, 120]
+
+    (part,) = rewrite_segment(
+        RAW, data, upserts, deletes, codec="zstandard", block_rows=10, max_rows=1000
+    )
+
+    described = json.loads(segment_metadata(part.data)["sb.blocks"])
+    decoded = block_rows_of(RAW, part.data, set(range(len(described))))
+    for index, (first, last, count, checksum) in enumerate(described):
+        held = decoded[index]
+        assert (first, last, count) == (held[0]["id"], held[-1]["id"], len(held))
+        assert int(checksum) == _checksum(RAW, held), f"block {index}"
+    assert _rows_of([part]) == _expected(rows, upserts, deletes)
+    assert part.checksum == _checksum(RAW, _expected(rows, upserts, deletes))
+
+
 def test_untouched_blocks_are_copied_byte_for_byte(make_row: Any) -> None:
     rows, data = _base(make_row)
     before = _container.parse(data)
@@ -206,20 +229,22 @@ def test_blocks_the_caller_decoded_are_taken_as_given(make_row: Any) -> None:
     rows, data = _base(make_row)
     options: dict[str, Any] = {"codec": "zstandard", "block_rows": 10, "max_rows": 1000}
     upserts = {60: make_row(RAW, 60, version=9)}
-    # Block 3 holds keys 60..78: as the caller decoded it, with key 62 at a version the bytes
-    # do not hold, so that the result shows where its rows came from.
+    # Block 3 holds keys 60..78: as the caller decoded it, with key 62 in a currency the
+    # bytes do not hold, so that the result shows where its rows came from. (The caller
+    # decodes them from these same bytes: the block's checksum is its header's, corrected by
+    # the changed rows.)
     block = block_rows_of(RAW, data, {3})[3]
     assert [row["id"] for row in block] == [row["id"] for row in rows[30:40]]
-    block[1]["row_version"] = 77
+    block[1]["currency"] = "XTS"
 
     (plain,) = rewrite_segment(RAW, data, upserts, [], **options)
     (given,) = rewrite_segment(RAW, data, upserts, [], **options, decoded={3: block})
 
     assert _rows_of([plain]) == _expected(rows, upserts, [])
     by_key = {row["id"]: row for row in _rows_of([given])}
-    assert by_key[62]["row_version"] == 77
+    assert by_key[62]["currency"] == "XTS"
     assert by_key[60] == upserts[60]
-    assert given.checksum == _checksum(RAW, list(by_key.values()))
+    assert given.checksum == plain.checksum == _checksum(RAW, list(by_key.values()))
 
 
 def test_a_segment_over_max_rows_splits_into_contiguous_parts(make_row: Any) -> None:
