@@ -159,6 +159,17 @@ def _inclusive(lo: int | None, hi: int | None) -> tuple[int, int]:
     return (MIN_KEY if lo is None else lo, MAX_KEY if hi is None else hi - 1)
 
 
+def _bigint_arrays(bounds: Sequence[tuple[int, int]]) -> tuple[str, str]:
+    """The lower and the upper bounds as PostgreSQL array literals, for ``%s::bigint[]``.
+
+    psycopg adapts a list of ints element by element, choosing each one's type: two arrays
+    of 2,000 bounds took 5 ms that way, against 1.6 ms as literals, query included.
+    """
+    lows = ",".join(str(lo) for lo, _ in bounds)
+    highs = ",".join(str(hi) for _, hi in bounds)
+    return f"{{{lows}}}", f"{{{highs}}}"
+
+
 def _table(dataset: Dataset) -> sql.Composable:
     return sql.SQL("{}.{}").format(sql.Identifier(dataset.schema), sql.Identifier(dataset.name))
 
@@ -215,7 +226,7 @@ def range_sums(
     bounds = [_inclusive(lo, hi) for lo, hi in ranges]
     cursor = conn.execute(
         range_sums_query(get_dataset(target.dataset), extent=extent),
-        [[lo for lo, _ in bounds], [hi for _, hi in bounds], target.client_id],
+        [*_bigint_arrays(bounds), target.client_id],
     )
     return [RangeSum(rows, int(checksum), lo, hi) for rows, checksum, lo, hi in cursor]
 
@@ -247,7 +258,7 @@ def _leaf_differences(
     bounds = [leaf.bounds() for leaf in leaves]
     found = conn.execute(
         versions_query(dataset),
-        [[lo for lo, _ in bounds], [hi for _, hi in bounds], target.client_id],
+        [*_bigint_arrays(bounds), target.client_id],
     )
 
     differing: dict[int, int | None] = {}  # the snapshot's version of each differing key
