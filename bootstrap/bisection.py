@@ -148,10 +148,7 @@ class KeyRange:
 
     def bounds(self) -> tuple[int, int]:
         """Inclusive bounds as PostgreSQL compares them."""
-        return (
-            MIN_KEY if self.lo is None else self.lo,
-            MAX_KEY if self.hi is None else self.hi - 1,
-        )
+        return _inclusive(self.lo, self.hi)
 
 
 def _inclusive(lo: int | None, hi: int | None) -> tuple[int, int]:

@@ -36,7 +36,7 @@ from bootstrap.reconcile_report import (
 from bootstrap.snapshot import bootstrap_target
 from schemas.datasets import Target, get_dataset
 from snapshots import _container
-from snapshots.manifest import FORMAT_VERSION, SourcePosition
+from snapshots.manifest import FORMAT_VERSION, SegmentEntry, SourcePosition
 from snapshots.publish import DeltaPublish, SnapshotWriter
 from snapshots.segments import META_BLOCKS, encode_segment, iter_segment_rows
 from storage_builder.errors import SourceError
@@ -61,6 +61,13 @@ def _version(writer: SnapshotWriter, target: Target) -> int:
     state = writer.registry.get(target)
     assert state is not None
     return state.version
+
+
+def _segment(writer: SnapshotWriter, target: Target, index: int) -> SegmentEntry:
+    """The manifest entry of the target's published segment ``index``."""
+    state = writer.registry.get(target)
+    assert state is not None
+    return writer.load_manifest(state, target).segments[index]
 
 
 def test_a_target_in_sync_reads_no_segment_and_writes_nothing(
@@ -140,9 +147,7 @@ def test_a_deleted_segment_object_is_found_without_reading_and_rebuilt(
     writer: SnapshotWriter,
     small_settings: Settings,
 ) -> None:
-    state = writer.registry.get(bootstrapped)
-    assert state is not None
-    segment = writer.load_manifest(state, bootstrapped).segments[2]
+    segment = _segment(writer, bootstrapped, 2)
     writer.store.delete_many([segment.key])
 
     report = reconciler.run([bootstrapped])
@@ -185,9 +190,7 @@ def test_a_segment_object_that_does_not_match_its_manifest_is_rebuilt(
     small_settings: Settings,
 ) -> None:
     # The object under a published key is replaced by one holding an extra row.
-    state = writer.registry.get(bootstrapped)
-    assert state is not None
-    segment = writer.load_manifest(state, bootstrapped).segments[1]
+    segment = _segment(writer, bootstrapped, 1)
     rows = list(iter_segment_rows(writer.store.get(segment.key)))
     rows.insert(1, dict(rows[0], id=rows[0]["id"] + 1_000_000_000, row_version=1))
     rows.sort(key=lambda row: row["id"])
@@ -226,9 +229,7 @@ def test_a_segment_header_that_misstates_a_block_checksum_is_rebuilt(
     # The header's account of two blocks is wrong though their rows are right, which a
     # repair in place would carry over forever; a row of another block of the segment has
     # drifted, so that the segment is compared block by block.
-    state = writer.registry.get(bootstrapped)
-    assert state is not None
-    segment = writer.load_manifest(state, bootstrapped).segments[2]
+    segment = _segment(writer, bootstrapped, 2)
     data = writer.store.get(segment.key)
     candidates = (_misstated_header(data, delta) for delta in range(1, 100))
     forged = next(candidate for candidate in candidates if len(candidate) == len(data))
@@ -563,9 +564,7 @@ def test_a_listed_dataset_still_finds_a_deleted_segment_object(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(reconcile, "_LIST_DATASET_FROM", 1)
-    state = writer.registry.get(bootstrapped)
-    assert state is not None
-    segment = writer.load_manifest(state, bootstrapped).segments[4]
+    segment = _segment(writer, bootstrapped, 4)
     writer.store.delete_many([segment.key])
 
     report = reconciler.run([bootstrapped])
