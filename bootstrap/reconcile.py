@@ -533,7 +533,7 @@ class Reconciler:
 
         ranges: list[tuple[KeyRange, RangeSum]] = []
         if not segments and buckets[0].rows:
-            ranges = [(KeyRange(None, None, SnapshotKeys([])), buckets[0])]
+            ranges = [(KeyRange(None, None, SnapshotKeys([], [])), buckets[0])]
         per_segment = _split(buckets, [len(b) for b in blocks])
         mismatched = [
             (segment, block_bounds, found)
