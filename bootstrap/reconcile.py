@@ -39,8 +39,8 @@ import threading
 import time
 from bisect import bisect_left
 from collections import Counter
-from collections.abc import Callable, Collection, Iterable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, cast
@@ -117,6 +117,8 @@ _SEGMENT_CACHE_BYTES = 64 * 1024 * 1024
 # The decoded rows a comparison keeps for its repair, at most (about 1 KB of memory each);
 # the blocks of a larger drift are decoded again by the repair.
 _KEEP_DECODED_ROWS = 20_000
+# Segment reads in flight for all targets of a run, at most.
+_FETCH_THREADS = 16
 # How long a worker waits for the others to connect before the first target.
 _CONNECT_TIMEOUT_S = 60.0
 
@@ -199,6 +201,8 @@ class Reconciler:
         self._workers = ThreadPoolExecutor(self.options.parallel, thread_name_prefix="reconcile")
         # Work a target runs beside its own thread: an object check, the upper half of a sum.
         self._beside = ThreadPoolExecutor(2 * self.options.parallel, thread_name_prefix="beside")
+        # Reads of mismatching segments, for all targets at once.
+        self._fetchers = ThreadPoolExecutor(_FETCH_THREADS, thread_name_prefix="fetch")
         self._listed: dict[str, dict[str, int]] = {}
 
     @property
@@ -212,6 +216,7 @@ class Reconciler:
     def close(self) -> None:
         self._workers.shutdown(wait=True)
         self._beside.shutdown(wait=True)
+        self._fetchers.shutdown(wait=True)
         with self._lock:
             for conn in self._connections:
                 conn.close()
@@ -544,10 +549,10 @@ class Reconciler:
             spans = [(segment, _total(found)) for segment, _, found in mismatched]
             self._check_extent(manifest, spans, comparison.rows)
         # The mismatching segments are fetched together: one round trip of latency, not one
-        # per segment.
-        fetched = self._fetch([segment for segment, _, _ in mismatched], pending)
+        # per segment, and each is decoded as it arrives, while the others are still read.
         kept = _KEEP_DECODED_ROWS
-        for (segment, block_bounds, found), data in zip(mismatched, fetched, strict=True):
+        for index, data in self._fetch([segment for segment, _, _ in mismatched], pending):
+            segment, block_bounds, found = mismatched[index]
             decoded: dict[int, list[dict[str, Any]]] = {}
             ranges.extend(self._segment_ranges(target, segment, data, block_bounds, found, decoded))
             kept -= sum(len(rows) for rows in decoded.values())
@@ -644,9 +649,9 @@ class Reconciler:
 
     def _fetch(
         self, segments: list[SegmentEntry], pending: dict[str, bytes]
-    ) -> list[bytes | Exception]:
-        """The objects of ``segments``, read concurrently (or taken from ``pending``); a
-        failed read gives its error."""
+    ) -> Iterator[tuple[int, bytes | Exception]]:
+        """The objects of ``segments`` by index, read concurrently (or taken from
+        ``pending``), in the order they arrive; a failed read gives its error."""
 
         def get(segment: SegmentEntry) -> bytes | Exception:
             try:
@@ -654,10 +659,14 @@ class Reconciler:
             except ObjectStoreError as error:
                 return error
 
-        if len(segments) < 2:
-            return [get(segment) for segment in segments]
-        with ThreadPoolExecutor(min(len(segments), 8), thread_name_prefix="fetch") as pool:
-            return list(pool.map(get, segments))
+        futures = {self._fetchers.submit(get, segment): i for i, segment in enumerate(segments)}
+        try:
+            for future in as_completed(futures):
+                yield futures[future], future.result()
+        finally:
+            # A comparison that stops early (a segment it cannot read) reads no further.
+            for future in futures:
+                future.cancel()
 
     def _segment_ranges(
         self,
