@@ -12,14 +12,16 @@ from __future__ import annotations
 import contextlib
 import email.utils
 import io
+import ipaddress
 import logging
 import random
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import boto3
 import botocore.exceptions
@@ -31,6 +33,9 @@ from botocore.config import Config
 from snapshots.packs import Location
 from storage_builder.errors import ObjectStoreError
 from storage_builder.settings import S3Settings
+
+if TYPE_CHECKING:
+    from botocore.config import _S3Dict
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +88,34 @@ class ObjectInfo:
     last_modified: float
 
 
+def _s3_options(endpoint_url: str | None) -> _S3Dict | None:
+    """botocore's S3 options: path-style addressing for a store of our own; and on loopback,
+    no signing of request bodies.
+
+    botocore signs a body (a SHA-256 of it, computed here and checked by the store) only
+    over plain HTTP, as a guard against tampering on the wire; over HTTPS it relies on TLS
+    and the CRC32 checksum it sends with every upload. A loopback connection crosses no
+    wire, and the checksum still goes with the body. Ten 460 KB PUTs at once to S3Proxy took
+    23 ms unsigned against 29-31 ms signed, with a tenth less CPU here and a third less in
+    S3Proxy.
+    """
+    if not endpoint_url:
+        return None
+    options: _S3Dict = {"addressing_style": "path"}
+    if _is_loopback(urllib.parse.urlsplit(endpoint_url).hostname):
+        options["payload_signing_enabled"] = False
+    return options
+
+
+def _is_loopback(host: str | None) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return host is not None and ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 class ObjectStore:
     """The bucket named by ``S3Settings``; no network until the first request."""
 
@@ -112,7 +145,7 @@ class ObjectStore:
             max_pool_connections=s3.upload_threads + 4,
             connect_timeout=5,
             read_timeout=60,
-            s3={"addressing_style": "path"} if s3.endpoint_url else None,
+            s3=_s3_options(s3.endpoint_url),
         )
         credentials: dict[str, Any] = {}
         if s3.access_key_id and s3.secret_access_key is not None:

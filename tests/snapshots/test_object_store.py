@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import botocore.utils
 import pytest
 
-from snapshots.store import ObjectStore, parse_timestamp
+from snapshots.store import ObjectStore, _s3_options, parse_timestamp
 from storage_builder.errors import ObjectStoreError
 from storage_builder.settings import Settings
 
@@ -56,6 +56,22 @@ def test_listings_of_more_than_a_page_return_every_key_once(
     prefixes = list(store.list_prefixes(prefix))
     assert prefixes == sorted({key[: key.index("/segments/") + 1] for key in keys})
     assert store.delete_many(listed) == len(keys)
+
+
+@pytest.mark.parametrize(
+    "endpoint_url, signed",
+    [
+        ("http://127.0.0.1:9000", False),
+        ("http://[::1]:9000", False),
+        ("http://localhost:9000", False),
+        ("http://10.0.0.7:9000", True),
+        ("http://minio.internal:9000", True),
+    ],
+)
+def test_request_bodies_are_signed_unless_on_loopback(endpoint_url: str, signed: bool) -> None:
+    options = _s3_options(endpoint_url)
+    assert options is not None and options["addressing_style"] == "path"
+    assert options.get("payload_signing_enabled", True) is signed
 
 
 @pytest.mark.parametrize(
