@@ -630,14 +630,19 @@ class Reconciler:
     ) -> None:
         """Every segment object the manifest names exists with its size: no segment is read.
 
-        The run's listing of the dataset answers when it holds them all; otherwise one LIST of
-        the target does (a segment may have been written after the run's listing).
+        The run's listing of the dataset answers when it holds them all; otherwise a LIST of
+        the target does (a segment may have been written after the run's listing), from the
+        first to the last of the names: a name begins with the time the segment was written,
+        and the superseded segments written before or after those the manifest names, which
+        gc has not collected yet, are not listed.
         """
         stored = [segment for segment in manifest.segments if segment.key not in pending]
         sizes = self._listed.get(target.dataset, {})
-        if any(sizes.get(segment.key) != segment.bytes for segment in stored):
+        if stored and any(sizes.get(segment.key) != segment.bytes for segment in stored):
             prefix = object_keys.target_prefix(self.root, target) + object_keys.SEGMENTS
-            sizes = {info.key: info.size for info in self.store.list(prefix)}
+            names = sorted(segment.key for segment in stored)
+            listed = self.store.list(prefix, start=names[0], stop=names[-1])
+            sizes = {info.key: info.size for info in listed}
         for segment in stored:
             size = sizes.get(segment.key)
             if size is None:

@@ -293,10 +293,19 @@ class ObjectStore:
         self._count()
         return found
 
-    def list(self, prefix: str) -> Iterator[ObjectInfo]:
-        """Every object below ``prefix``, in key order, page by page."""
-        for page in self._pages(prefix, delimiter=None):
+    def list(
+        self, prefix: str, *, start: str | None = None, stop: str | None = None
+    ) -> Iterator[ObjectInfo]:
+        """Every object below ``prefix``, in key order, page by page; with ``start`` and
+        ``stop``, only those from ``start`` to ``stop`` (both included, give or take a few
+        keys just before ``start``), and no page past ``stop`` is asked for."""
+        # S3 lists the keys after StartAfter: ``start`` less its last character sorts just
+        # before ``start``.
+        after = start[:-1] if start else None
+        for page in self._pages(prefix, delimiter=None, after=after):
             for item in page.get("Contents", []):
+                if stop is not None and item["Key"] > stop:
+                    return
                 yield ObjectInfo(
                     key=item["Key"],
                     size=item["Size"],
@@ -309,7 +318,9 @@ class ObjectStore:
             for item in page.get("CommonPrefixes", []):
                 yield item["Prefix"]
 
-    def _pages(self, prefix: str, delimiter: str | None) -> Iterator[dict[str, Any]]:
+    def _pages(
+        self, prefix: str, delimiter: str | None, after: str | None = None
+    ) -> Iterator[dict[str, Any]]:
         """The pages of a listing, each continued after the last key (or common prefix) of
         the one before.
 
@@ -321,6 +332,8 @@ class ObjectStore:
         arguments: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix}
         if delimiter:
             arguments["Delimiter"] = delimiter
+        if after:
+            arguments["StartAfter"] = after
         while True:
             page = self._call("list", prefix, lambda: self.client.list_objects_v2(**arguments))
             self._count()

@@ -36,6 +36,7 @@ from bootstrap.reconcile_report import (
 from bootstrap.snapshot import bootstrap_target
 from schemas.datasets import Target, get_dataset
 from snapshots import _container
+from snapshots import keys as object_keys
 from snapshots.manifest import FORMAT_VERSION, SegmentEntry, SourcePosition
 from snapshots.publish import DeltaPublish, SnapshotWriter
 from snapshots.segments import META_BLOCKS, encode_segment, iter_segment_rows
@@ -157,6 +158,33 @@ def test_a_deleted_segment_object_is_found_without_reading_and_rebuilt(
     assert segment.key in (target.reason or "") and "missing" in (target.reason or "")
     assert_snapshot_equals_database(pg, small_settings, bootstrapped)
     assert reconciler.run([bootstrapped]).targets[0].outcome == IN_SYNC
+
+
+@pytest.mark.parametrize("named", ["first", "last"])
+def test_a_deleted_segment_is_found_among_superseded_objects_named_around_it(
+    named: str,
+    bootstrapped: Target,
+    pg: psycopg.Connection,
+    reconciler: Reconciler,
+    writer: SnapshotWriter,
+    small_settings: Settings,
+) -> None:
+    # A second bootstrap leaves the first one's segments behind, named before its own; an
+    # upload that lost its publish leaves one named after them. The target's LIST spans only
+    # the names its manifest holds, so the first and the last of them are its edges.
+    bootstrap_target(bootstrapped, small_settings, force=True, writer=writer)
+    writer.store.put(object_keys.segment_key(writer.root, bootstrapped), b"never published")
+    state = writer.registry.get(bootstrapped)
+    assert state is not None
+    names = sorted(segment.key for segment in writer.load_manifest(state, bootstrapped).segments)
+    deleted = names[0] if named == "first" else names[-1]
+    writer.store.delete_many([deleted])
+
+    target = reconciler.run([bootstrapped]).targets[0]
+
+    assert (target.outcome, target.method) == (REPAIRED, BY_BOOTSTRAP)
+    assert deleted in (target.reason or "") and "missing" in (target.reason or "")
+    assert_snapshot_equals_database(pg, small_settings, bootstrapped)
 
 
 def test_a_segment_with_an_extra_row_loses_it(

@@ -58,6 +58,23 @@ def test_listings_of_more_than_a_page_return_every_key_once(
     assert store.delete_many(listed) == len(keys)
 
 
+def test_a_bounded_listing_asks_for_no_page_outside_its_bounds(
+    store: ObjectStore, settings: Settings
+) -> None:
+    prefix = f"{settings.s3.prefix}/bounded/"
+    keys = [f"{prefix}{n:04d}.avro" for n in range(1_010)]
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda key: store.put(key, b"x"), keys))
+
+    for start, stop in [(3, 7), (1_004, 1_009), (0, 0)]:
+        requests = store.requests
+        listed = [info.key for info in store.list(prefix, start=keys[start], stop=keys[stop])]
+        assert listed == keys[start : stop + 1]
+        # Either bound alone would need both pages of the 1,010 keys.
+        assert store.requests - requests == 1
+    assert store.delete_many(keys) == len(keys)
+
+
 @pytest.mark.parametrize(
     "endpoint_url, signed",
     [
