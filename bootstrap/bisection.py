@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 from bisect import bisect_left
-from collections.abc import Iterable, Sequence
+from collections.abc import Generator, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from itertools import accumulate
@@ -40,6 +40,9 @@ MAX_KEY = 2**63 - 1
 LEAF_ROWS = 1_000
 # How many sub-ranges a mismatching range is cut into at each level.
 FAN_OUT = 16
+# Range sums handed over at a time by a streamed query: PostgreSQL sends about 250 per
+# 8 KB of output, and a segment has 40 blocks by default.
+STREAM_BATCH = 64
 
 
 @dataclass(frozen=True)
@@ -225,6 +228,34 @@ def range_sums(
     )
     # fetchall: psycopg loads all rows at once, a third of the CPU of iterating the cursor.
     return [RangeSum(rows, int(checksum), lo, hi) for rows, checksum, lo, hi in cursor.fetchall()]
+
+
+def stream_range_sums(
+    conn: psycopg.Connection,
+    target: Target,
+    ranges: Sequence[tuple[int | None, int | None]],
+    *,
+    batch: int = STREAM_BATCH,
+) -> Generator[list[RangeSum]]:
+    """The checksums of :func:`range_sums` (without extents), in order, in lists of up to
+    ``batch`` as PostgreSQL sends them: the first ranges can be acted on while the database
+    still sums the others."""
+    if not ranges:
+        return
+    bounds = [_inclusive(lo, hi) for lo, hi in ranges]
+    query = range_sums_query(get_dataset(target.dataset), extent=False)
+    rows: list[RangeSum] = []
+    with conn.cursor() as cursor:
+        # Chunked rows: libpq hands over each ``batch`` rows as they arrive.
+        for count, checksum, _, _ in cursor.stream(
+            query, [*_bigint_arrays(bounds), target.client_id], size=batch
+        ):
+            rows.append(RangeSum(count, int(checksum)))
+            if len(rows) == batch:
+                yield rows
+                rows = []
+    if rows:
+        yield rows
 
 
 def _cut(key_range: KeyRange, db: RangeSum) -> list[KeyRange] | None:

@@ -8,12 +8,14 @@ For each target, in this order:
    manifest, a missing segment object or one of the wrong size cannot be repaired in place,
    and the target is bootstrapped again instead.
 3. In a REPEATABLE READ transaction begun *after* step 1, one aggregate query asks
-   PostgreSQL for the row count and checksum of every block's key range and compares them
-   with the manifest (a large target's upper half of the ranges is summed meanwhile on a
-   second connection importing the same database snapshot). A target in sync ends here,
-   having read no segment and written nothing.
-4. Only mismatching segments are read; their ranges are bisected down to the rows that
-   differ (:mod:`bootstrap.bisection`), whose values are read in the same transaction.
+   PostgreSQL for the row count and checksum of every block's key range (a large target's
+   is streamed in two halves, the upper one on a second connection importing the same
+   database snapshot). Each segment is compared with the manifest as soon as its blocks'
+   sums arrive. A target in sync ends here, having read no segment and written nothing.
+4. A mismatching segment is read and its differing blocks decoded while the sums of the
+   segments after it are still being computed; the differing blocks are bisected down to
+   the rows that differ (:mod:`bootstrap.bisection`), whose values are read in the same
+   transaction.
 5. The repair rewrites just the segments holding those rows and publishes with the same
    compare-and-set on the version as the consumer, expecting the version compared in step 1.
 
@@ -33,15 +35,19 @@ it differed the same way both times; the others are left to the consumer.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
+import queue
 import threading
 import time
 from bisect import bisect_left
 from collections import Counter
-from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor, as_completed
+from collections.abc import Callable, Collection, Iterable, Sequence
+from concurrent import futures
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from itertools import accumulate
 from pathlib import Path
 from typing import Annotated, Any, cast
 
@@ -53,6 +59,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from bootstrap import source
 from bootstrap.bisection import (
+    EMPTY,
     KeyRange,
     RangeSum,
     RowDifference,
@@ -61,6 +68,7 @@ from bootstrap.bisection import (
     find_differences,
     range_sums,
     segment_sums,
+    stream_range_sums,
 )
 from bootstrap.reconcile_report import (
     BY_BOOTSTRAP,
@@ -199,8 +207,8 @@ class Reconciler:
         # The worker threads outlive a run, and with them their database connections: a
         # scheduler that reconciles again in the same process does not connect again.
         self._workers = ThreadPoolExecutor(self.options.parallel, thread_name_prefix="reconcile")
-        # Work a target runs beside its own thread: an object check, the upper half of a sum.
-        self._beside = ThreadPoolExecutor(2 * self.options.parallel, thread_name_prefix="beside")
+        # Work a target runs beside its own thread: an object check, the two halves of a sum.
+        self._beside = ThreadPoolExecutor(3 * self.options.parallel, thread_name_prefix="beside")
         # Reads of mismatching segments, for all targets at once.
         self._fetchers = ThreadPoolExecutor(_FETCH_THREADS, thread_name_prefix="fetch")
         self._listed: dict[str, dict[str, int]] = {}
@@ -520,45 +528,22 @@ class Reconciler:
         objects_checked: Future[None] | None,
         pending: dict[str, bytes],
     ) -> _Comparison:
-        segments = manifest.segments if manifest is not None else []
-        # One bucket per block of every segment: the same single scan then also gives the
-        # first level of the bisection of any segment that differs.
-        blocks = [_block_bounds(segment) for segment in segments]
-        bounds = [lo for per_segment in blocks for lo, _ in per_segment if lo is not None]
-        buckets = self._bucket_sums(conn, target, bounds, exported_id)
-        if objects_checked is not None:
-            objects_checked.result()
-        comparison = _Comparison(
-            state, manifest, rows=sum(found.rows for found in buckets), pending=pending
-        )
-        if manifest is None:
-            if comparison.rows:
-                raise _Rebuild("no snapshot (no registry entry, no manifest in S3)")
-            return comparison
-
-        ranges: list[tuple[KeyRange, RangeSum]] = []
-        if not segments and buckets[0].rows:
-            ranges = [(KeyRange(None, None, SnapshotKeys([], [])), buckets[0])]
-        per_segment = _split(buckets, [len(b) for b in blocks])
-        mismatched = [
-            (segment, block_bounds, found)
-            for segment, block_bounds, found in zip(segments, blocks, per_segment, strict=True)
-            if not _total(found).matches(_entry_sum(segment))
-        ]
-        if mismatched:
-            spans = [(segment, _total(found)) for segment, _, found in mismatched]
-            self._check_extent(manifest, spans, comparison.rows)
-        # The mismatching segments are fetched together: one round trip of latency, not one
-        # per segment, and each is decoded as it arrives, while the others are still read.
-        kept = _KEEP_DECODED_ROWS
-        for index, data in self._fetch([segment for segment, _, _ in mismatched], pending):
-            segment, block_bounds, found = mismatched[index]
-            decoded: dict[int, list[dict[str, Any]]] = {}
-            ranges.extend(self._segment_ranges(target, segment, data, block_bounds, found, decoded))
-            kept -= sum(len(rows) for rows in decoded.values())
-            if kept >= 0:
-                comparison.decoded[segment.key] = decoded
-        comparison.segments_read = len(mismatched)
+        comparison = _Comparison(state, manifest, pending=pending)
+        if manifest is not None and manifest.segments:
+            ranges = self._mismatched_blocks(
+                conn, target, manifest, exported_id, objects_checked, comparison
+            )
+        else:
+            # No segment: the target's whole key range is one range.
+            (whole,) = segment_sums(conn, target, [], extent=False)
+            comparison.rows = whole.rows
+            if manifest is None:
+                if whole.rows:
+                    raise _Rebuild("no snapshot (no registry entry, no manifest in S3)")
+                return comparison
+            if objects_checked is not None:
+                objects_checked.result()
+            ranges = [(KeyRange(None, None, SnapshotKeys([], [])), whole)] if whole.rows else []
         if not ranges:
             return comparison
 
@@ -571,25 +556,50 @@ class Reconciler:
         _check_headers(target, ranges, comparison.differences)
         return comparison
 
-    def _bucket_sums(
+    def _mismatched_blocks(
         self,
         conn: psycopg.Connection,
         target: Target,
-        bounds: list[int],
+        manifest: Manifest,
         exported_id: str | None,
-    ) -> list[RangeSum]:
-        """The sums of the ranges the bounds cut; with an exported snapshot, the upper half of
-        them is summed meanwhile on this worker's second connection, importing it."""
-        # No lowest and highest keys: a range that has to be cut is summed again with them.
-        if exported_id is None or len(bounds) < 2:
-            return segment_sums(conn, target, bounds, extent=False)
-        edges: list[int | None] = [None, *bounds, None]
-        ranges = list(zip(edges, edges[1:], strict=False))
-        half = len(ranges) // 2
-        upper = self._beside.submit(
-            _sums_in_snapshot, self._conn("half"), exported_id, target, ranges[half:]
-        )
-        return range_sums(conn, target, ranges[:half], extent=False) + upper.result()
+        objects_checked: Future[None] | None,
+        comparison: _Comparison,
+    ) -> list[tuple[KeyRange, RangeSum]]:
+        """The blocks whose sums differ from the database's, with the snapshot's side read.
+
+        PostgreSQL sums every block's key range (one bucket per block, so the same scan also
+        gives the first level of the bisection), and the sums are compared as they arrive
+        (see :class:`_BlockComparison`). With an exported snapshot the segments are summed
+        in two halves, streamed: the lower one on this worker's connection, the upper one on
+        its second connection, importing the snapshot.
+        """
+        segments = manifest.segments
+        blocks = [_block_bounds(segment) for segment in segments]
+        halves = _halves(segments) if exported_id is not None else [(0, len(segments))]
+        events: queue.SimpleQueue[_Event] = queue.SimpleQueue()
+        streams: list[Future[None]] = []
+        if len(halves) == 1:
+            every = [bounds for per_segment in blocks for bounds in per_segment]
+            events.put(("sums", 0, range_sums(conn, target, every, extent=False)))
+            events.put(("summed", 0, None))
+        else:
+            connections = [(conn, None), (self._conn("half"), exported_id)]
+            for half, ((start, end), (connection, import_id)) in enumerate(
+                zip(halves, connections, strict=True)
+            ):
+                share = [bounds for per_segment in blocks[start:end] for bounds in per_segment]
+                streams.append(
+                    self._beside.submit(
+                        _stream_sums, connection, import_id, target, share, half, events
+                    )
+                )
+        try:
+            return _BlockComparison(
+                self, target, manifest, blocks, halves, objects_checked, events, comparison
+            ).run()
+        finally:
+            # The lower half runs on this worker's connection, inside its transaction.
+            futures.wait(streams)
 
     def _check_extent(
         self,
@@ -651,27 +661,6 @@ class Reconciler:
                 raise _Rebuild(
                     f"segment {segment.key} has {size} bytes, its manifest says {segment.bytes}"
                 )
-
-    def _fetch(
-        self, segments: list[SegmentEntry], pending: dict[str, bytes]
-    ) -> Iterator[tuple[int, bytes | Exception]]:
-        """The objects of ``segments`` by index, read concurrently (or taken from
-        ``pending``), in the order they arrive; a failed read gives its error."""
-
-        def get(segment: SegmentEntry) -> bytes | Exception:
-            try:
-                return pending.get(segment.key) or self.store.get(segment.key)
-            except ObjectStoreError as error:
-                return error
-
-        futures = {self._fetchers.submit(get, segment): i for i, segment in enumerate(segments)}
-        try:
-            for future in as_completed(futures):
-                yield futures[future], future.result()
-        finally:
-            # A comparison that stops early (a segment it cannot read) reads no further.
-            for future in futures:
-                future.cancel()
 
     def _segment_ranges(
         self,
@@ -808,14 +797,221 @@ class Reconciler:
         raise _gave_up(target, self.options.max_attempts)
 
 
-def _sums_in_snapshot(
+class _BlockComparison:
+    """A target's segments compared with the database's sums of their blocks as the sums
+    arrive.
+
+    A segment is compared as soon as the sums of all its blocks are in; a mismatching one
+    is read from S3 and its differing blocks decoded while the database still sums the
+    segments after it, so that the process's share of the comparison runs beside the
+    database's rather than after it. Everything happens on the calling thread, which takes
+    the sums and the segments read, in the order they come, from one queue of events.
+    """
+
+    def __init__(
+        self,
+        reconciler: Reconciler,
+        target: Target,
+        manifest: Manifest,
+        blocks: list[list[tuple[int | None, int | None]]],
+        halves: list[tuple[int, int]],
+        objects_checked: Future[None] | None,
+        events: queue.SimpleQueue[_Event],
+        comparison: _Comparison,
+    ) -> None:
+        self._reconciler = reconciler
+        self._events = events
+        self._comparison = comparison
+        self._reads = _Reads(reconciler, comparison.pending, events)
+        self._target = target
+        self._manifest = manifest
+        self._blocks = blocks
+        self._halves = len(halves)
+        self._arrivals = _Arrivals(blocks, halves)
+        self._objects_checked = objects_checked
+        self._summed = 0
+        self._mismatched: dict[int, RangeSum] = {}  # the database's sum of each, by segment
+        self._spanned = 0
+        self._held: list[int] = []  # mismatching segments to read once the extent is checked
+        self._ranges: dict[int, list[tuple[KeyRange, RangeSum]]] = {}
+        self._kept = _KEEP_DECODED_ROWS
+
+    def run(self) -> list[tuple[KeyRange, RangeSum]]:
+        """Take events until every block is summed and every mismatching segment read;
+        returns the differing blocks in key order."""
+        try:
+            while self._summed < self._halves or self._reads.outstanding:
+                kind, index, payload = self._events.get()
+                if kind == "failed":
+                    raise cast(Exception, payload)
+                if kind == "summed":
+                    self._on_summed()
+                elif kind == "sums":
+                    self._on_sums(index, cast(list[RangeSum], payload))
+                else:
+                    self._on_read(index, cast("bytes | Exception", payload))
+        finally:
+            self._reads.cancel()
+        if self._objects_checked is not None:
+            self._objects_checked.result()
+        self._comparison.rows = self._arrivals.rows
+        self._comparison.segments_read = len(self._mismatched)
+        return [block for i in sorted(self._ranges) for block in self._ranges[i]]
+
+    def _on_sums(self, half: int, sums: list[RangeSum]) -> None:
+        segments = self._manifest.segments
+        for index in self._arrivals.add(half, sums):
+            found = _total(self._arrivals.of(index))
+            if found.matches(_entry_sum(segments[index])):
+                continue
+            self._mismatched[index] = found
+            self._spanned += max(segments[index].rows, found.rows)
+            if self._spanned > self._reconciler.options.max_repair_rows:
+                self._held.append(index)
+            else:
+                self._reads.start([(index, segments[index])], self._objects_checked)
+
+    def _on_summed(self) -> None:
+        """Once every block is summed, a drift too wide to repair in place is known."""
+        self._summed += 1
+        if self._summed < self._halves or not self._held:
+            return
+        segments = self._manifest.segments
+        spans = [(segments[i], found) for i, found in self._mismatched.items()]
+        self._reconciler._check_extent(self._manifest, spans, self._arrivals.rows)
+        self._reads.start([(i, segments[i]) for i in self._held], self._objects_checked)
+        self._held = []
+
+    def _on_read(self, index: int, data: bytes | Exception) -> None:
+        self._reads.outstanding -= 1
+        segment = self._manifest.segments[index]
+        decoded: dict[int, list[dict[str, Any]]] = {}
+        self._ranges[index] = self._reconciler._segment_ranges(
+            self._target,
+            segment,
+            data,
+            self._blocks[index],
+            self._arrivals.of(index),
+            decoded,
+        )
+        # The decoded rows are kept for the repair, up to a bound on memory.
+        self._kept -= sum(len(rows) for rows in decoded.values())
+        if self._kept >= 0:
+            self._comparison.decoded[segment.key] = decoded
+
+
+_Event = tuple[str, int, object]
+
+
+def _stream_sums(
     conn: psycopg.Connection,
-    exported_id: str,
+    import_id: str | None,
     target: Target,
     ranges: list[tuple[int | None, int | None]],
-) -> list[RangeSum]:
-    with source.snapshot_transaction(conn, import_id=exported_id):
-        return range_sums(conn, target, ranges, extent=False)
+    half: int,
+    events: queue.SimpleQueue[_Event],
+) -> None:
+    """Put the sums of ``ranges`` into ``events`` as the database sends them, then say the
+    half is summed (or why it failed); with ``import_id``, in a transaction of its own
+    importing that snapshot."""
+    transaction = (
+        source.snapshot_transaction(conn, import_id=import_id)
+        if import_id is not None
+        else contextlib.nullcontext()
+    )
+    try:
+        # The stream is closed on the way out, whatever happens: left open, it would hold
+        # the connection.
+        with transaction, contextlib.closing(stream_range_sums(conn, target, ranges)) as stream:
+            for sums in stream:
+                events.put(("sums", half, sums))
+    except Exception as error:  # raised again by the comparison, in its own thread
+        events.put(("failed", half, error))
+    else:
+        events.put(("summed", half, None))
+
+
+def _halves(segments: Sequence[SegmentEntry]) -> list[tuple[int, int]]:
+    """The segments cut into two runs ``[start, end)`` holding about as many rows each."""
+    total = sum(segment.rows for segment in segments)
+    running = [*accumulate(segment.rows for segment in segments[:-1])]
+    if not running:
+        return [(0, len(segments))]
+    cut = 1 + min(range(len(running)), key=lambda i: abs(2 * running[i] - total))
+    return [(0, cut), (cut, len(segments))]
+
+
+class _Arrivals:
+    """The sums of a target's blocks as they arrive, in key order within each half; tells
+    which segments have the sums of all their blocks."""
+
+    def __init__(
+        self, blocks: list[list[tuple[int | None, int | None]]], halves: list[tuple[int, int]]
+    ) -> None:
+        self._first = [0, *accumulate(len(per_segment) for per_segment in blocks)]
+        self._sums = [EMPTY] * self._first[-1]
+        self._next = [start for start, _ in halves]
+        self._ends = [end for _, end in halves]
+        self._filled = [self._first[start] for start, _ in halves]
+
+    def add(self, half: int, sums: list[RangeSum]) -> list[int]:
+        """Take the next sums of ``half``; returns the segments they complete."""
+        at = self._filled[half]
+        self._sums[at : at + len(sums)] = sums
+        self._filled[half] = at + len(sums)
+        complete = []
+        segment = self._next[half]
+        while segment < self._ends[half] and self._first[segment + 1] <= self._filled[half]:
+            complete.append(segment)
+            segment += 1
+        self._next[half] = segment
+        return complete
+
+    def of(self, segment: int) -> list[RangeSum]:
+        return self._sums[self._first[segment] : self._first[segment + 1]]
+
+    @property
+    def rows(self) -> int:
+        return sum(found.rows for found in self._sums)
+
+
+class _Reads:
+    """Reads of mismatching segments, concurrent, each put into the comparison's events
+    when done: its bytes, or the error that stopped it."""
+
+    def __init__(
+        self, reconciler: Reconciler, pending: dict[str, bytes], events: queue.SimpleQueue[_Event]
+    ) -> None:
+        self._pool = reconciler._fetchers
+        self._store = reconciler.store
+        self._pending = pending
+        self._events = events
+        self._futures: list[Future[bytes]] = []
+        self.outstanding = 0
+
+    def start(
+        self, segments: Iterable[tuple[int, SegmentEntry]], checked: Future[None] | None
+    ) -> None:
+        # A missing or truncated segment object decides before any segment is read.
+        if checked is not None:
+            checked.result()
+        for index, segment in segments:
+            future = self._pool.submit(self._read, segment.key)
+            future.add_done_callback(functools.partial(self._done, index))
+            self._futures.append(future)
+            self.outstanding += 1
+
+    def _read(self, key: str) -> bytes:
+        return self._pending.get(key) or self._store.get(key)
+
+    def _done(self, index: int, future: Future[bytes]) -> None:
+        if not future.cancelled():
+            self._events.put(("read", index, future.exception() or future.result()))
+
+    def cancel(self) -> None:
+        """A comparison that stops early reads no further."""
+        for future in self._futures:
+            future.cancel()
 
 
 def _header_blocks(data: bytes, segment: SegmentEntry) -> list[RangeSum] | None:
@@ -861,15 +1057,6 @@ def _block_bounds(segment: SegmentEntry) -> list[tuple[int | None, int | None]]:
     first block: from the segment's lo) to the next block's first key."""
     edges = [segment.lo, *segment.block_keys[1:], segment.hi]
     return list(zip(edges, edges[1:], strict=False))
-
-
-def _split(buckets: list[RangeSum], sizes: list[int]) -> list[list[RangeSum]]:
-    """Bucket sums cut into consecutive groups of the given sizes (one group per segment)."""
-    groups, start = [], 0
-    for size in sizes:
-        groups.append(buckets[start : start + size])
-        start += size
-    return groups
 
 
 def _total(sums: Sequence[RangeSum]) -> RangeSum:

@@ -6,7 +6,10 @@ checks the outcome, what was written, and that the snapshot then equals the data
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
+from typing import Any
 
 import psycopg
 import pytest
@@ -21,6 +24,7 @@ from reconcile_helpers import (
 
 from bootstrap import reconcile
 from bootstrap.bench import seed_target
+from bootstrap.bisection import RangeSum
 from bootstrap.reconcile import ReconcileOptions, Reconciler
 from bootstrap.reconcile_report import (
     BY_BOOTSTRAP,
@@ -29,6 +33,7 @@ from bootstrap.reconcile_report import (
     DRIFT,
     EXIT_DRIFT,
     EXIT_IN_SYNC,
+    FAILED,
     IN_SYNC,
     REPAIRED,
     TargetReport,
@@ -528,14 +533,14 @@ def test_a_large_target_compared_in_two_halves_finds_the_same_drift(
     small_settings: Settings,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    halves: list[int] = []
-    sums_in_snapshot = reconcile._sums_in_snapshot
+    halves: list[tuple[bool, int]] = []
+    stream_sums = reconcile._stream_sums
 
-    def recording(*args: object) -> object:
-        halves.append(len(args[3]))  # type: ignore[arg-type]
-        return sums_in_snapshot(*args)  # type: ignore[arg-type]
+    def recording(*args: Any) -> None:
+        halves.append((args[1] is not None, len(args[3])))  # (imports the snapshot, ranges)
+        stream_sums(*args)
 
-    monkeypatch.setattr(reconcile, "_sums_in_snapshot", recording)
+    monkeypatch.setattr(reconcile, "_stream_sums", recording)
     client = bootstrapped.client_id
     # Key 20 is in the lower half of the target's blocks, 290 in the upper half.
     pg.execute(
@@ -552,8 +557,102 @@ def test_a_large_target_compared_in_two_halves_finds_the_same_drift(
     assert target.segments_rewritten == 2
     assert_snapshot_equals_database(pg, small_settings, bootstrapped)
     assert again.targets[0].outcome == IN_SYNC
-    # 30 blocks of 10 rows: the upper 15 ranges went to the second connection, each run.
-    assert halves == [15, 15]
+    # 6 segments of 5 blocks: the upper three went to the second connection, each run.
+    assert sorted(halves) == [(False, 15), (False, 15), (True, 15), (True, 15)]
+
+
+def test_block_sums_complete_a_segment_only_when_all_its_blocks_arrived() -> None:
+    one = RangeSum(1, 1)
+    # Segments of 2, 3 and 1 blocks; the first two summed on one connection, the last on
+    # the other, each half arriving in key order and in batches of any size.
+    arrivals = reconcile._Arrivals([[(None, 1)] * 2, [(1, 2)] * 3, [(2, None)]], [(0, 2), (2, 3)])
+
+    assert arrivals.add(0, [one]) == []
+    assert arrivals.add(1, [one]) == [2]
+    assert arrivals.add(0, [one, one]) == [0]
+    assert arrivals.add(0, [one, one]) == [1]
+    assert arrivals.of(1) == [one, one, one] and arrivals.rows == 6
+
+
+@pytest.mark.parametrize("split_rows", [ROWS - 1, 200_000], ids=["two halves", "one query"])
+def test_drift_wider_than_the_repair_limit_is_rebuilt_not_bisected(
+    split_rows: int,
+    bootstrapped: Target,
+    pg: psycopg.Connection,
+    small_settings: Settings,
+) -> None:
+    # Four of the six 50-row segments differ: 200 rows to compare, over half the target.
+    keys = [10, 60, 110, 160]
+    pg.execute(
+        "UPDATE raw_data SET currency = 'XTS' WHERE client_id = %s AND id = ANY(%s)",
+        [bootstrapped.client_id, keys],
+    )
+
+    options = ReconcileOptions(parallel=2, split_rows=split_rows, max_repair_rows=100)
+    with Reconciler(small_settings, options) as reconciler:
+        target = reconciler.run([bootstrapped]).targets[0]
+
+    assert (target.outcome, target.method) == (REPAIRED, BY_BOOTSTRAP)
+    assert "4 of 6 segments differ, holding 200 rows" in (target.reason or "")
+    assert_snapshot_equals_database(pg, small_settings, bootstrapped)
+
+
+@pytest.mark.parametrize("split_rows", [ROWS - 1, 200_000], ids=["two halves", "one query"])
+def test_drift_past_the_repair_limit_in_a_small_share_of_the_target_is_repaired_in_place(
+    split_rows: int,
+    bootstrapped: Target,
+    pg: psycopg.Connection,
+    small_settings: Settings,
+) -> None:
+    # Two segments differ: 100 rows to compare, over the limit of 60 but a third of the
+    # target, so the segment held back until every sum is in is read after all.
+    pg.execute(
+        "UPDATE raw_data SET currency = 'XTS' WHERE client_id = %s AND id IN (10, 160)",
+        [bootstrapped.client_id],
+    )
+
+    options = ReconcileOptions(parallel=2, split_rows=split_rows, max_repair_rows=60)
+    with Reconciler(small_settings, options) as reconciler:
+        target = reconciler.run([bootstrapped]).targets[0]
+
+    assert (target.outcome, target.method) == (REPAIRED, BY_SEGMENTS)
+    assert (target.rows_changed, target.segments_read, target.segments_rewritten) == (2, 2, 2)
+    assert_snapshot_equals_database(pg, small_settings, bootstrapped)
+
+
+def test_a_half_whose_sums_fail_fails_the_target_and_the_next_run_recovers(
+    bootstrapped: Target,
+    pg: psycopg.Connection,
+    small_settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    pg.execute(
+        "UPDATE raw_data SET currency = 'XTS' WHERE client_id = %s AND id = 290",
+        [bootstrapped.client_id],
+    )
+    stream = reconcile.stream_range_sums
+
+    def cut_off(
+        conn: psycopg.Connection, target: Target, ranges: list[Any], **kwargs: Any
+    ) -> Iterator[Any]:
+        with contextlib.closing(stream(conn, target, ranges, batch=4)) as sums:
+            yield next(sums)
+            if ranges[0][0] is not None:  # the upper half, after its first sums
+                raise psycopg.OperationalError("connection cut while summing")
+            yield from sums
+
+    monkeypatch.setattr(reconcile, "stream_range_sums", cut_off)
+    options = ReconcileOptions(parallel=2, split_rows=ROWS - 1)
+    with Reconciler(small_settings, options) as reconciler:
+        failed = reconciler.run([bootstrapped]).targets[0]
+        monkeypatch.setattr(reconcile, "stream_range_sums", stream)
+        again = reconciler.run([bootstrapped]).targets[0]
+
+    assert failed.outcome == FAILED
+    assert "connection cut while summing" in (failed.reason or "")
+    assert (again.outcome, again.method, again.rows_changed) == (REPAIRED, BY_SEGMENTS, 1)
+    assert again.attempts == 1
+    assert_snapshot_equals_database(pg, small_settings, bootstrapped)
 
 
 def test_a_listed_dataset_still_sees_segments_written_after_its_listing(
