@@ -797,6 +797,11 @@ class Reconciler:
         raise _gave_up(target, self.options.max_attempts)
 
 
+# What the comparison's queue carries: ("sums", half, sums), ("summed", half, None),
+# ("failed", half, error) or ("read", segment index, bytes or error).
+_Event = tuple[str, int, object]
+
+
 class _BlockComparison:
     """A target's segments compared with the database's sums of their blocks as the sums
     arrive.
@@ -898,9 +903,6 @@ class _BlockComparison:
         self._kept -= sum(len(rows) for rows in decoded.values())
         if self._kept >= 0:
             self._comparison.decoded[segment.key] = decoded
-
-
-_Event = tuple[str, int, object]
 
 
 def _stream_sums(
