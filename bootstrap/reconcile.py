@@ -578,16 +578,15 @@ class Reconciler:
         halves = _halves(segments) if exported_id is not None else [(0, len(segments))]
         events: queue.SimpleQueue[_Event] = queue.SimpleQueue()
         streams: list[Future[None]] = []
+        shares = [[bounds for per in blocks[start:end] for bounds in per] for start, end in halves]
         if len(halves) == 1:
-            every = [bounds for per_segment in blocks for bounds in per_segment]
-            events.put(("sums", 0, range_sums(conn, target, every, extent=False)))
+            events.put(("sums", 0, range_sums(conn, target, shares[0], extent=False)))
             events.put(("summed", 0, None))
         else:
             connections = [(conn, None), (self._conn("half"), exported_id)]
-            for half, ((start, end), (connection, import_id)) in enumerate(
-                zip(halves, connections, strict=True)
+            for half, (share, (connection, import_id)) in enumerate(
+                zip(shares, connections, strict=True)
             ):
-                share = [bounds for per_segment in blocks[start:end] for bounds in per_segment]
                 streams.append(
                     self._beside.submit(
                         _stream_sums, connection, import_id, target, share, half, events
