@@ -5,11 +5,10 @@ PostgreSQL's binary integers, numerics as text at their fixed scale, so no ``dat
 ``datetime`` or ``Decimal`` is ever built; shifting an epoch and dropping a decimal point
 is all the conversion there is.
 
-Each dataset gets a block encoder compiled from its columns (:func:`compile_block_encoder`):
-one loop over the rows with the Avro encoding of every column written out inline, zig-zag
-varints taken 14 bits at a time from two lookup tables. It does what fastavro's generic
-writer does at about a third of its cost per row, since it knows the schema when it is
-built rather than interpreting it for every value.
+Each dataset gets a block encoder compiled from its columns (:func:`compile_block_encoder`,
+made as :mod:`snapshots.avro_blocks` describes) for rows of this shape. It does what
+fastavro's generic writer does at about a third of its cost per row, since it knows the
+schema when it is built rather than interpreting it for every value.
 
 The output is the snapshot core's segment format, byte for byte: blocks of ``block_rows``
 rows compressed by the same codec calls, framed as Avro object container blocks, and
@@ -22,14 +21,12 @@ from __future__ import annotations
 import functools
 import itertools
 import os
-import re
-import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 from bootstrap.source import PG_EPOCH_DAYS, PG_EPOCH_MICROS
-from schemas.datasets import Column, Dataset
-from snapshots import _container
+from schemas.datasets import Dataset
+from snapshots import _container, avro_blocks
 from snapshots.segments import EncodedSegment, SegmentBlock, segment_from_blocks
 
 Row = Sequence[Any]
@@ -38,115 +35,34 @@ Row = Sequence[Any]
 _INFINITE_DATES = (-(2**31), 2**31 - 1)
 _INFINITE_TIMESTAMPS = (-(2**63), 2**63 - 1)
 
-_GROUP = 1 << 14
-_GROUP_MASK = _GROUP - 1
-
-
-def _varint(value: int) -> bytes:
-    """An unsigned varint: 7 bits per byte, least significant group first."""
-    out = bytearray()
-    while value >= 0x80:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-# _LAST[z]: the varint of z < 2^14. _MORE[g]: a 14-bit group followed by more groups, so
-# both of its bytes carry the continuation bit.
-_LAST = [_varint(z) for z in range(_GROUP)]
-_MORE = [bytes(((g & 0x7F) | 0x80, (g >> 7) | 0x80)) for g in range(_GROUP)]
-
-
-def encode_long(value: int) -> bytes:
-    """An Avro ``int`` or ``long``: zig-zag, then varint."""
-    z = (value << 1) ^ (value >> 63)
-    if z < _GROUP:
-        return _LAST[z]
-    if z < 1 << 28:
-        return _MORE[z & _GROUP_MASK] + _LAST[z >> 14]
-    if z < 1 << 42:
-        return _MORE[z & _GROUP_MASK] + _MORE[(z >> 14) & _GROUP_MASK] + _LAST[z >> 28]
-    if z < 1 << 56:
-        return (
-            _MORE[z & _GROUP_MASK]
-            + _MORE[(z >> 14) & _GROUP_MASK]
-            + _MORE[(z >> 28) & _GROUP_MASK]
-            + _LAST[z >> 42]
-        )
-    if not -(1 << 63) <= value < 1 << 63:
-        raise ValueError(f"{value} does not fit an Avro long")
-    return _varint(z)
-
-
-# The block encoder of a dataset is compiled from these snippets, one per column (``v`` is
-# the column's value): a call per value would cost as much as the encoding itself. A long
-# is zig-zagged and appended as its 14-bit groups, one table lookup per group.
-_VARINT = [
-    "if z < 16384:",
-    "    append(_LAST[z])",
-    "elif z < 268435456:",
-    "    append(_MORE[z & 16383])",
-    "    append(_LAST[z >> 14])",
-    "elif z < 4398046511104:",
-    "    append(_MORE[z & 16383])",
-    "    append(_MORE[(z >> 14) & 16383])",
-    "    append(_LAST[z >> 28])",
-    "elif z < 72057594037927936:",
-    "    append(_MORE[z & 16383])",
-    "    append(_MORE[(z >> 14) & 16383])",
-    "    append(_MORE[(z >> 28) & 16383])",
-    "    append(_LAST[z >> 42])",
-    "else:",
-    "    append(encode_long(w))",
-]
-_LONG = ["w = v", "z = (w << 1) ^ (w >> 63)", *_VARINT]
-_SNIPPETS = {
-    "long": _LONG,
+# Per column kind, the statements encoding a value as PostgreSQL sends it.
+_SNIPPETS: avro_blocks.Snippets = {
+    "long": avro_blocks.LONG,
     "date": [
         "if v in _INFINITE_DATES:",
         "    raise ValueError('an infinite date has no Avro date')",
         f"w = v + {PG_EPOCH_DAYS}",
         "z = (w << 1) ^ (w >> 63)",
-        *_VARINT,
+        *avro_blocks.VARINT,
     ],
     "timestamptz": [
         "if v in _INFINITE_TIMESTAMPS:",
         "    raise ValueError('an infinite timestamp has no Avro timestamp-micros')",
         f"w = v + {PG_EPOCH_MICROS}",
         "z = (w << 1) ^ (w >> 63)",
-        *_VARINT,
+        *avro_blocks.VARINT,
     ],
-    "text": [
-        "b = v.encode()",
-        "n = len(b)",
-        "append(_LAST[n << 1] if n < 8192 else encode_long(n))",
-        "append(b)",
-    ],
-    "boolean": ['append(b"\\x01" if v else b"\\x00")'],
+    "text": avro_blocks.TEXT,
+    "boolean": avro_blocks.BOOLEAN,
     # A numeric's text at its column's fixed scale, without the point, is the unscaled
     # integer; see _encode_unscaled.
     "numeric": [
         "n = int(v.replace('.', ''))",
         "b = n.to_bytes((abs(n).bit_length() + 8) >> 3, 'big', signed=True)",
-        "append(_LAST[len(b) << 1])",
+        "append(LAST[len(b) << 1])",
         "append(b)",
     ],
 }
-
-
-def _snippet(column: Column) -> list[str]:
-    if column.numeric_scale is not None:
-        kind = "numeric"
-    elif column.pg_type in ("bigint", "integer"):
-        kind = "long"
-    elif column.pg_type == "jsonb":
-        kind = "text"
-    elif column.pg_type in _SNIPPETS:
-        kind = column.pg_type
-    else:
-        raise ValueError(f"column {column.name} has a type the bootstrap cannot encode")
-    return _SNIPPETS[kind]
 
 
 BlockEncoder = Callable[[Sequence[Row], Callable[[bytes], None], Any, bytes], tuple[Any, int]]
@@ -176,51 +92,16 @@ def compile_block_encoder(dataset: Dataset) -> BlockEncoder:
         if column.name == dataset.client_column:
             lines.append("        append(client)")
             continue
-        body = [_rename(line, name) for line in _snippet(column)]
-        if column.nullable:
-            lines.append(f"        if {name} is None:")
-            lines.append('            append(b"\\x00")')
-            lines.append("        else:")
-            lines.append('            append(b"\\x02")')
-            lines += ["            " + line for line in body]
-        else:
-            lines += ["        " + line for line in body]
+        lines += avro_blocks.indented(avro_blocks.value_statements(name, column, _SNIPPETS), 2)
     lines += [
         "        checksum += row_hash",
         "    return previous, checksum",
     ]
-    namespace: dict[str, Any] = {
-        "_LAST": _LAST,
-        "_MORE": _MORE,
-        "encode_long": encode_long,
-        "_INFINITE_DATES": _INFINITE_DATES,
-        "_INFINITE_TIMESTAMPS": _INFINITE_TIMESTAMPS,
-    }
-    exec(compile("\n".join(lines), f"<block encoder of {dataset.name}>", "exec"), namespace)
-    encoder: BlockEncoder = namespace["encode_block"]
+    namespace = {"_INFINITE_DATES": _INFINITE_DATES, "_INFINITE_TIMESTAMPS": _INFINITE_TIMESTAMPS}
+    encoder: BlockEncoder = avro_blocks.compile_encoder(
+        lines, f"block encoder of {dataset.name}", namespace
+    )
     return encoder
-
-
-def _rename(line: str, name: str) -> str:
-    # The snippets name their value ``v`` and use no other word starting with it.
-    return re.sub(r"\bv\b", name, line)
-
-
-def _compressor(codec: str) -> Callable[[bytes], bytes]:
-    """The block compression of ``codec``, called as fastavro's writer calls it."""
-    if codec == "null":
-        return bytes
-    if codec == "deflate":
-        # Raw deflate: zlib's two header bytes and its checksum trailer are cut off.
-        return lambda data: zlib.compress(data)[2:-1]
-    if codec == "zstandard":
-        try:
-            from compression import zstd
-        except ImportError:
-            from backports import zstd
-        compress: Callable[[bytes], bytes] = zstd.compress
-        return compress
-    raise ValueError(f"codec {codec!r} is not supported by the bootstrap encoder")
 
 
 _block_encoder = functools.cache(compile_block_encoder)
@@ -241,10 +122,13 @@ class SegmentEncoder:
         self.codec = codec
         self.block_rows = max(1, min(block_rows, max_rows))
         self.max_rows = max_rows
-        self._compress = _compressor(codec)
+        compress = avro_blocks.compressor(codec)
+        if compress is None:
+            raise ValueError(f"codec {codec!r} is not supported by the bootstrap encoder")
+        self._compress = compress
         names = dataset.column_names
         self._key_index = names.index(dataset.key_column)
-        self._client_bytes = encode_long(client_id)
+        self._client_bytes = avro_blocks.encode_long(client_id)
         self._encode_rows = _block_encoder(dataset)
 
     def _encode_block(self, rows: Sequence[Row], sync: bytes, after: Any) -> SegmentBlock:
@@ -258,7 +142,7 @@ class SegmentEncoder:
         except (ValueError, TypeError, AttributeError) as error:
             raise ValueError(f"a row of {self.dataset.name} cannot be encoded: {error}") from None
         data = self._compress(b"".join(pieces))
-        raw = b"".join((encode_long(len(rows)), encode_long(len(data)), data, sync))
+        raw = avro_blocks.frame_block(len(rows), data, sync)
         first = rows[0][self._key_index]
         return SegmentBlock(raw, first, last, len(rows), checksum)
 

@@ -15,13 +15,15 @@ half the cost of building dates, datetimes and Decimals only to take them apart 
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import itertools
 import json
 import math
+import operator
 import os
 from bisect import bisect_right
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from typing import Any
@@ -30,7 +32,7 @@ import fastavro
 from fastavro.write import LOGICAL_WRITERS, Writer
 
 from schemas.datasets import Dataset
-from snapshots import _container
+from snapshots import _container, avro_blocks
 from snapshots.checksums import row_hash
 from storage_builder.errors import InvalidTargetError, SnapshotFormatError
 
@@ -143,6 +145,104 @@ def _plain_row(dataset: Dataset, key: int, row: dict[str, Any]) -> dict[str, Any
     return plain
 
 
+# Per column kind, the statements encoding a plain value (see _plain_schemas). Anything but
+# the exact type raises, and the block is encoded again by fastavro's writer, which then
+# either names what is wrong or takes a value it can convert.
+_PLAIN_SNIPPETS: avro_blocks.Snippets = {
+    "long": ["if v.__class__ is not int:", "    raise TypeError(v)", *avro_blocks.LONG],
+    "date": ["if v.__class__ is not int:", "    raise TypeError(v)", *avro_blocks.LONG],
+    "timestamptz": ["if v.__class__ is not int:", "    raise TypeError(v)", *avro_blocks.LONG],
+    "text": ["if v.__class__ is not str:", "    raise TypeError(v)", *avro_blocks.TEXT],
+    "boolean": [
+        "if v.__class__ is not bool:",
+        "    raise TypeError(v)",
+        *avro_blocks.BOOLEAN,
+    ],
+    "numeric": [
+        "if v.__class__ is not bytes:",
+        "    raise TypeError(v)",
+        "n = len(v)",
+        "append(LAST[n << 1] if n < 8192 else encode_long(n))",
+        "append(v)",
+    ],
+}
+
+
+PlainEncoder = Callable[
+    [Sequence[dict[str, Any]], Callable[[bytes], None], int | None, int | None, bool],
+    tuple[int, int],
+]
+
+
+@cache
+def _plain_encoder(dataset: Dataset) -> PlainEncoder:
+    """``encode(rows, append, after, client_id, hashing) -> (last key, checksum)`` for plain
+    rows of ``dataset``: appends the Avro binary of every row, checks that keys ascend from
+    ``after`` and that every row is ``client_id``'s (unless None), and sums the row hashes
+    when ``hashing``. Raises on anything it does not encode exactly as fastavro would."""
+    names = [f"v{index}" for index in range(len(dataset.columns))]
+    columns = list(zip(names, dataset.columns, strict=True))
+    key = names[dataset.column_names.index(dataset.key_column)]
+    client = names[dataset.column_names.index(dataset.client_column)]
+    version = names[dataset.column_names.index(dataset.version_column)]
+    lines = [
+        "def encode_block(rows, append, after, client_id, hashing):",
+        "    checksum = 0",
+        "    previous = -(2**64) if after is None else after",
+        # One call takes every value of a row out of its dict.
+        f"    for {', '.join(names)} in map(values_of, rows):",
+        f"        if {key} <= previous:",
+        "            raise ValueError('keys out of order')",
+        f"        previous = {key}",
+        f"        if client_id is not None and {client} != client_id:",
+        "            raise ValueError('a row of another client')",
+    ]
+    for name, column in columns:
+        statements = avro_blocks.value_statements(name, column, _PLAIN_SNIPPETS)
+        lines += avro_blocks.indented(statements, 2)
+    lines += [
+        "        if hashing:",
+        f"            checksum += row_hash({key}, {version})",
+        "    return previous, checksum",
+    ]
+    encoder: PlainEncoder = avro_blocks.compile_encoder(
+        lines,
+        f"plain block encoder of {dataset.name}",
+        {"row_hash": row_hash, "values_of": operator.itemgetter(*dataset.column_names)},
+    )
+    return encoder
+
+
+def _encode_plain_blocks(
+    dataset: Dataset,
+    rows: Sequence[dict[str, Any]],
+    compress: Callable[[bytes], bytes],
+    *,
+    block_rows: int,
+    sync: bytes,
+    client_id: int | None,
+    after: int | None,
+    checksum_of_all: int | None,
+) -> list[_Block]:
+    """Plain rows encoded into blocks by the dataset's compiled encoder (see
+    :func:`_encode_blocks`); raises on a row it does not encode."""
+    encode = _plain_encoder(dataset)
+    key_column = dataset.key_column
+    blocks = []
+    for start in range(0, len(rows), block_rows):
+        chunk = rows[start : start + block_rows]
+        pieces: list[bytes] = []
+        after, checksum = encode(chunk, pieces.append, after, client_id, checksum_of_all is None)
+        data = compress(b"".join(pieces))
+        raw = avro_blocks.frame_block(len(chunk), data, sync)
+        blocks.append(_Block(raw, chunk[0][key_column], after, len(chunk), checksum))
+    if checksum_of_all is not None:
+        if len(blocks) > 1:
+            raise ValueError(f"{len(blocks)} blocks of {dataset.name} under one known checksum")
+        blocks = [dataclasses.replace(block, checksum=checksum_of_all) for block in blocks]
+    return blocks
+
+
 def _encode_blocks(
     dataset: Dataset,
     rows: Iterable[dict[str, Any]],
@@ -157,7 +257,28 @@ def _encode_blocks(
 ) -> list[_Block]:
     """Encode rows (ascending keys, all above ``after``) into blocks of ``block_rows``; with
     ``plain``, rows in the form of :func:`_plain_schemas`. ``checksum_of_all``, the rows'
-    checksum when the caller knows it, saves hashing them; they must then fit one block."""
+    checksum when the caller knows it, saves hashing them; they must then fit one block.
+
+    Plain rows go through the dataset's compiled encoder when the codec allows; a block it
+    refuses is encoded here again, by fastavro's writer, which names what is wrong.
+    """
+    compress = avro_blocks.compressor(codec)
+    if plain and compress is not None:
+        rows = rows if isinstance(rows, list) else list(rows)
+        try:
+            return _encode_plain_blocks(
+                dataset,
+                rows,
+                compress,
+                block_rows=block_rows,
+                sync=sync,
+                client_id=client_id,
+                after=after,
+                checksum_of_all=checksum_of_all,
+            )
+        except (ValueError, TypeError, AttributeError, KeyError):
+            pass
+
     parsed, _ = _plain_schemas(dataset) if plain else _schemas(dataset)
     key_column, version_column = dataset.key_column, dataset.version_column
     client_column = dataset.client_column

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import datetime as dt
-import io
 from decimal import Decimal
 
-import fastavro
 import psycopg
 import pytest
 
@@ -157,18 +155,6 @@ def test_bootstrap_output_reads_and_rewrites_block_by_block(
     rewritten = [block.raw for block in _container.parse(part.data).blocks]
     assert original.blocks[0].raw in rewritten and original.blocks[2].raw in rewritten
     assert original.blocks[1].raw not in rewritten and original.blocks[3].raw not in rewritten
-
-
-@pytest.mark.parametrize(
-    "value",
-    [0, -1, 1, 8191, -8192, 8192, -8193, 2**27 - 1, 2**27, 2**41, -(2**41) - 1, 2**55, 2**62]
-    + [2**63 - 1, -(2**63)],
-)
-def test_longs_encode_as_fastavro_does(value: int) -> None:
-    expected = io.BytesIO()
-    fastavro.schemaless_writer(expected, fastavro.parse_schema("long"), value)
-
-    assert encode.encode_long(value) == expected.getvalue()
 
 
 def test_an_infinite_date_fails_its_target_by_name(
