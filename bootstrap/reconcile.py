@@ -502,8 +502,9 @@ class Reconciler:
         pending: dict[str, bytes] = {}
         if manifest is not None and manifest.deltas:
             manifest, pending = self._fold(target, manifest)
-        # The objects are checked while PostgreSQL computes the sums; a missing one still
-        # decides before any segment is read.
+        # The objects are checked while PostgreSQL computes the sums and mismatching segments
+        # are read: a LIST can take longer than the first sums (S3Proxy reads the whole
+        # folder). A missing or truncated object still decides before anything is repaired.
         checked = None
         if manifest is not None:
             checked = self._beside.submit(self._check_objects, target, manifest, pending)
@@ -873,7 +874,7 @@ class _BlockComparison:
             if self._spanned > self._reconciler.options.max_repair_rows:
                 self._held.append(index)
             else:
-                self._reads.start([(index, segments[index])], self._objects_checked)
+                self._reads.start([(index, segments[index])])
 
     def _on_summed(self) -> None:
         """Once every block is summed, a drift too wide to repair in place is known."""
@@ -883,21 +884,28 @@ class _BlockComparison:
         segments = self._manifest.segments
         spans = [(segments[i], found) for i, found in self._mismatched.items()]
         self._reconciler._check_extent(self._manifest, spans, self._arrivals.rows)
-        self._reads.start([(i, segments[i]) for i in self._held], self._objects_checked)
+        self._reads.start([(i, segments[i]) for i in self._held])
         self._held = []
 
     def _on_read(self, index: int, data: bytes | Exception) -> None:
         self._reads.outstanding -= 1
         segment = self._manifest.segments[index]
         decoded: dict[int, list[dict[str, Any]]] = {}
-        self._ranges[index] = self._reconciler._segment_ranges(
-            self._target,
-            segment,
-            data,
-            self._blocks[index],
-            self._arrivals.of(index),
-            decoded,
-        )
+        try:
+            self._ranges[index] = self._reconciler._segment_ranges(
+                self._target,
+                segment,
+                data,
+                self._blocks[index],
+                self._arrivals.of(index),
+                decoded,
+            )
+        except _Rebuild:
+            # The segment is read without waiting for the check of every object, which
+            # tells more precisely why a missing or truncated one cannot be read.
+            if self._objects_checked is not None:
+                self._objects_checked.result()
+            raise
         # The decoded rows are kept for the repair, up to a bound on memory.
         self._kept -= sum(len(rows) for rows in decoded.values())
         if self._kept >= 0:
@@ -990,12 +998,7 @@ class _Reads:
         self._futures: list[Future[bytes]] = []
         self.outstanding = 0
 
-    def start(
-        self, segments: Iterable[tuple[int, SegmentEntry]], checked: Future[None] | None
-    ) -> None:
-        # A missing or truncated segment object decides before any segment is read.
-        if checked is not None:
-            checked.result()
+    def start(self, segments: Iterable[tuple[int, SegmentEntry]]) -> None:
         for index, segment in segments:
             future = self._pool.submit(self._read, segment.key)
             future.add_done_callback(functools.partial(self._done, index))

@@ -165,6 +165,29 @@ def test_a_deleted_segment_object_is_found_without_reading_and_rebuilt(
     assert reconciler.run([bootstrapped]).targets[0].outcome == IN_SYNC
 
 
+def test_a_drifted_segment_whose_object_is_gone_is_rebuilt_as_missing(
+    bootstrapped: Target,
+    pg: psycopg.Connection,
+    reconciler: Reconciler,
+    writer: SnapshotWriter,
+    small_settings: Settings,
+) -> None:
+    # Its sums differ, so it is read without waiting for the check of every object; the
+    # read fails, and the reason is the check's: the object is missing.
+    segment = _segment(writer, bootstrapped, 2)
+    pg.execute(
+        "UPDATE raw_data SET currency = 'XTS' WHERE client_id = %s AND id = 120",
+        [bootstrapped.client_id],
+    )
+    writer.store.delete_many([segment.key])
+
+    target = reconciler.run([bootstrapped]).targets[0]
+
+    assert (target.outcome, target.method) == (REPAIRED, BY_BOOTSTRAP)
+    assert segment.key in (target.reason or "") and "missing" in (target.reason or "")
+    assert_snapshot_equals_database(pg, small_settings, bootstrapped)
+
+
 @pytest.mark.parametrize("named", ["first", "last"])
 def test_a_deleted_segment_is_found_among_superseded_objects_named_around_it(
     named: str,
