@@ -922,13 +922,14 @@ def _stream_sums(
 ) -> None:
     """Put the sums of ``ranges`` into ``events`` as the database sends them, then say the
     half is summed (or why it failed); with ``import_id``, in a transaction of its own
-    importing that snapshot."""
-    transaction = (
-        source.snapshot_transaction(conn, import_id=import_id)
-        if import_id is not None
-        else contextlib.nullcontext()
-    )
+    importing that snapshot. Whatever fails, the comparison hears of it: it waits for one
+    or the other."""
     try:
+        transaction = (
+            source.compare_transaction(conn, import_id=import_id)
+            if import_id is not None
+            else contextlib.nullcontext()
+        )
         # The stream is closed on the way out, whatever happens: left open, it would hold
         # the connection.
         with transaction, contextlib.closing(stream_range_sums(conn, target, ranges)) as stream:

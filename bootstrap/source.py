@@ -167,19 +167,24 @@ def snapshot_transaction(
 
 
 @contextmanager
-def compare_transaction(conn: psycopg.Connection, *, export: bool = False) -> Iterator[str | None]:
+def compare_transaction(
+    conn: psycopg.Connection, *, export: bool = False, import_id: str | None = None
+) -> Iterator[str | None]:
     """A read-only REPEATABLE READ transaction for comparing a target; yields the id of its
-    exported snapshot when ``export``.
+    exported snapshot when ``export``, or imports the snapshot ``import_id``.
 
     Unlike :func:`snapshot_transaction` it does not ask for the snapshot's text form, which
     only a bootstrap records: on a connection made with ``snapshots_only``, a comparison that
-    exports nothing costs no round trip beyond its own queries.
+    exports nothing costs no round trip beyond its own queries, and one that imports a
+    snapshot one.
     """
     if export or not _snapshots_only(conn):
-        with snapshot_transaction(conn, export=export) as snapshot:
+        with snapshot_transaction(conn, export=export, import_id=import_id) as snapshot:
             yield snapshot.exported_id
         return
     with conn.transaction():
+        if import_id is not None:
+            conn.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(import_id)))
         yield None
 
 
