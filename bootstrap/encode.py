@@ -78,16 +78,8 @@ def compile_block_encoder(dataset: Dataset) -> BlockEncoder:
     """
     names = [f"v{index}" for index in range(len(dataset.columns))]
     key = names[dataset.column_names.index(dataset.key_column)]
-    lines = [
-        "def encode_block(rows, append, after, client):",
-        "    checksum = 0",
-        # Below any bigint: the first key then needs no test of its own.
-        "    previous = -(2**64) if after is None else after",
-        f"    for {', '.join(names)}, row_hash in rows:",
-        f"        if {key} <= previous:",
-        f"            raise ValueError(f'rows are not in ascending key order at key {{{key}}}')",
-        f"        previous = {key}",
-    ]
+    signature = "encode_block(rows, append, after, client)"
+    lines = avro_blocks.row_loop(signature, f"{', '.join(names)}, row_hash", "rows", key)
     for name, column in zip(names, dataset.columns, strict=True):
         if column.name == dataset.client_column:
             lines.append("        append(client)")

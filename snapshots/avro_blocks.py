@@ -121,6 +121,22 @@ def value_statements(name: str, column: Column, snippets: Snippets) -> list[str]
     ]
 
 
+def row_loop(signature: str, values: str, rows: str, key: str) -> list[str]:
+    """The head of a compiled encoder: the function ``signature`` (taking ``after``), a
+    checksum set to 0, and a loop binding each row of ``rows`` to ``values`` that checks
+    that the ``key`` values ascend from ``after``."""
+    return [
+        f"def {signature}:",
+        "    checksum = 0",
+        # Below any bigint: the first key then needs no test of its own.
+        "    previous = -(2**64) if after is None else after",
+        f"    for {values} in {rows}:",
+        f"        if {key} <= previous:",
+        f"            raise ValueError(f'rows are not in ascending key order at key {{{key}}}')",
+        f"        previous = {key}",
+    ]
+
+
 def compile_encoder(lines: list[str], label: str, namespace: dict[str, Any]) -> Callable[..., Any]:
     """The function the source ``lines`` define, with the varint tables in its namespace."""
     scope = {"LAST": LAST, "MORE": MORE, "encode_long": encode_long, **namespace}

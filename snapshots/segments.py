@@ -181,23 +181,17 @@ def _plain_encoder(dataset: Dataset) -> PlainEncoder:
     ``after`` and that every row is ``client_id``'s (unless None), and sums the row hashes
     when ``hashing``. Raises on anything it does not encode exactly as fastavro would."""
     names = [f"v{index}" for index in range(len(dataset.columns))]
-    columns = list(zip(names, dataset.columns, strict=True))
     key = names[dataset.column_names.index(dataset.key_column)]
     client = names[dataset.column_names.index(dataset.client_column)]
     version = names[dataset.column_names.index(dataset.version_column)]
-    lines = [
-        "def encode_block(rows, append, after, client_id, hashing):",
-        "    checksum = 0",
-        "    previous = -(2**64) if after is None else after",
-        # One call takes every value of a row out of its dict.
-        f"    for {', '.join(names)} in map(values_of, rows):",
-        f"        if {key} <= previous:",
-        "            raise ValueError('keys out of order')",
-        f"        previous = {key}",
+    signature = "encode_block(rows, append, after, client_id, hashing)"
+    # values_of takes every value of a row out of its dict in one call.
+    lines = avro_blocks.row_loop(signature, ", ".join(names), "map(values_of, rows)", key)
+    lines += [
         f"        if client_id is not None and {client} != client_id:",
         "            raise ValueError('a row of another client')",
     ]
-    for name, column in columns:
+    for name, column in zip(names, dataset.columns, strict=True):
         statements = avro_blocks.value_statements(name, column, _PLAIN_SNIPPETS)
         lines += avro_blocks.indented(statements, 2)
     lines += [
