@@ -6,7 +6,8 @@ For each target, in this order:
 2. The manifest is read and its segment objects are checked against a listing (the run's
    listing of the whole dataset, or one LIST of the target; no segment is read): a missing
    manifest, a missing segment object or one of the wrong size cannot be repaired in place,
-   and the target is bootstrapped again instead.
+   and the target is bootstrapped again instead. The check runs beside steps 3 and 4 and
+   decides before step 5.
 3. In a REPEATABLE READ transaction begun *after* step 1, one aggregate query asks
    PostgreSQL for the row count and checksum of every block's key range (a large target's
    is streamed in two halves, the upper one on a second connection importing the same
