@@ -60,8 +60,9 @@ def encode_long(value: int) -> bytes:
     return _varint(z)
 
 
-# The statements of a snippet, each column's encoding (``v`` is the column's value): a call
-# per value would cost as much as the encoding itself. ``z`` is zig-zagged already.
+# Snippets: the statements that encode one value ``v`` and pass its bytes to ``append``,
+# written out inline since a call per value would cost as much as the encoding itself.
+# VARINT appends ``z``, zig-zagged already from the signed ``w``.
 VARINT = [
     "if z < 16384:",
     "    append(LAST[z])",

@@ -145,37 +145,36 @@ def _plain_row(dataset: Dataset, key: int, row: dict[str, Any]) -> dict[str, Any
     return plain
 
 
-# Per column kind, the statements encoding a plain value (see _plain_schemas). Anything but
-# the exact type raises, and the block is encoded again by fastavro's writer, which then
-# either names what is wrong or takes a value it can convert.
+def _only(kind: str, statements: list[str]) -> list[str]:
+    """``statements`` behind a test that the value is of the Python type ``kind`` exactly."""
+    return [f"if v.__class__ is not {kind}:", "    raise TypeError(v)", *statements]
+
+
+# Per column kind, the statements encoding a plain value (see _plain_schemas). A value of
+# any other type raises, and the rows are encoded again by fastavro's writer, which then
+# either takes the value (a bool for a long, say) or names the row it cannot encode.
 _PLAIN_SNIPPETS: avro_blocks.Snippets = {
-    "long": ["if v.__class__ is not int:", "    raise TypeError(v)", *avro_blocks.LONG],
-    "date": ["if v.__class__ is not int:", "    raise TypeError(v)", *avro_blocks.LONG],
-    "timestamptz": ["if v.__class__ is not int:", "    raise TypeError(v)", *avro_blocks.LONG],
-    "text": ["if v.__class__ is not str:", "    raise TypeError(v)", *avro_blocks.TEXT],
-    "boolean": [
-        "if v.__class__ is not bool:",
-        "    raise TypeError(v)",
-        *avro_blocks.BOOLEAN,
-    ],
-    "numeric": [
-        "if v.__class__ is not bytes:",
-        "    raise TypeError(v)",
-        "n = len(v)",
-        "append(LAST[n << 1] if n < 8192 else encode_long(n))",
-        "append(v)",
-    ],
+    "long": _only("int", avro_blocks.LONG),
+    "date": _only("int", avro_blocks.LONG),  # days since 1970-01-01
+    "timestamptz": _only("int", avro_blocks.LONG),  # microseconds since the epoch
+    "text": _only("str", avro_blocks.TEXT),
+    "boolean": _only("bool", avro_blocks.BOOLEAN),
+    # The unscaled integer's bytes, as fastavro's decimal writer makes them.
+    "numeric": _only(
+        "bytes",
+        ["n = len(v)", "append(LAST[n << 1] if n < 8192 else encode_long(n))", "append(v)"],
+    ),
 }
 
 
-PlainEncoder = Callable[
+_PlainEncoder = Callable[
     [Sequence[dict[str, Any]], Callable[[bytes], None], int | None, int | None, bool],
     tuple[int, int],
 ]
 
 
 @cache
-def _plain_encoder(dataset: Dataset) -> PlainEncoder:
+def _plain_encoder(dataset: Dataset) -> _PlainEncoder:
     """``encode(rows, append, after, client_id, hashing) -> (last key, checksum)`` for plain
     rows of ``dataset``: appends the Avro binary of every row, checks that keys ascend from
     ``after`` and that every row is ``client_id``'s (unless None), and sums the row hashes
@@ -199,7 +198,7 @@ def _plain_encoder(dataset: Dataset) -> PlainEncoder:
         f"            checksum += row_hash({key}, {version})",
         "    return previous, checksum",
     ]
-    encoder: PlainEncoder = avro_blocks.compile_encoder(
+    encoder: _PlainEncoder = avro_blocks.compile_encoder(
         lines,
         f"plain block encoder of {dataset.name}",
         {"row_hash": row_hash, "values_of": operator.itemgetter(*dataset.column_names)},
@@ -253,8 +252,9 @@ def _encode_blocks(
     ``plain``, rows in the form of :func:`_plain_schemas`. ``checksum_of_all``, the rows'
     checksum when the caller knows it, saves hashing them; they must then fit one block.
 
-    Plain rows go through the dataset's compiled encoder when the codec allows; a block it
-    refuses is encoded here again, by fastavro's writer, which names what is wrong.
+    Plain rows go through the dataset's compiled encoder when the codec allows; if it
+    refuses any, they are all encoded here again, by fastavro's writer, which names what is
+    wrong.
     """
     compress = avro_blocks.compressor(codec)
     if plain and compress is not None:
