@@ -159,7 +159,7 @@ def snapshot_transaction(
         if not _snapshots_only(conn):
             conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
         if import_id is not None:
-            conn.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(import_id)))
+            _import_snapshot(conn, import_id)
         query = "SELECT pg_current_snapshot()::text" + (", pg_export_snapshot()" if export else "")
         row = conn.execute(query).fetchone()
         assert row is not None
@@ -184,8 +184,13 @@ def compare_transaction(
         return
     with conn.transaction():
         if import_id is not None:
-            conn.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(import_id)))
+            _import_snapshot(conn, import_id)
         yield None
+
+
+def _import_snapshot(conn: psycopg.Connection, import_id: str) -> None:
+    """The transaction just begun sees the database as the exporting transaction does."""
+    conn.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(import_id)))
 
 
 def stream_batches(
