@@ -55,7 +55,8 @@ _SNIPPETS: avro_blocks.Snippets = {
     "text": avro_blocks.TEXT,
     "boolean": avro_blocks.BOOLEAN,
     # A numeric's text at its column's fixed scale, without the point, is the unscaled
-    # integer; see _encode_unscaled.
+    # integer, written as fastavro writes a decimal: big-endian two's complement in
+    # bit_length // 8 + 1 bytes.
     "numeric": [
         "n = int(v.replace('.', ''))",
         "b = n.to_bytes((abs(n).bit_length() + 8) >> 3, 'big', signed=True)",
