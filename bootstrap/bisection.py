@@ -157,15 +157,18 @@ def _inclusive(lo: int | None, hi: int | None) -> tuple[int, int]:
     return (MIN_KEY if lo is None else lo, MAX_KEY if hi is None else hi - 1)
 
 
-def _bigint_arrays(bounds: Sequence[tuple[int, int]]) -> tuple[str, str]:
-    """The lower and the upper bounds as PostgreSQL array literals, for ``%s::bigint[]``.
+def _ranges_params(target: Target, ranges: Sequence[tuple[int | None, int | None]]) -> list[Any]:
+    """The parameters of a query over key ranges ``[lo, hi)`` of ``target``: the inclusive
+    lower and upper bounds as PostgreSQL array literals, for ``%s::bigint[]``, then the
+    client.
 
     psycopg adapts a list of ints element by element, choosing each one's type: two arrays
     of 2,000 bounds took 5 ms that way, against 1.6 ms as literals, query included.
     """
+    bounds = [_inclusive(lo, hi) for lo, hi in ranges]
     lows = ",".join(str(lo) for lo, _ in bounds)
     highs = ",".join(str(hi) for _, hi in bounds)
-    return f"{{{lows}}}", f"{{{highs}}}"
+    return [f"{{{lows}}}", f"{{{highs}}}", target.client_id]
 
 
 def _table(dataset: Dataset) -> sql.Composable:
@@ -221,10 +224,9 @@ def range_sums(
     ``extent``, also the lowest and highest key of each."""
     if not ranges:
         return []
-    bounds = [_inclusive(lo, hi) for lo, hi in ranges]
     cursor = conn.execute(
         range_sums_query(get_dataset(target.dataset), extent=extent),
-        [*_bigint_arrays(bounds), target.client_id],
+        _ranges_params(target, ranges),
     )
     # fetchall: psycopg loads all rows at once, a third of the CPU of iterating the cursor.
     return [RangeSum(rows, int(checksum), lo, hi) for rows, checksum, lo, hi in cursor.fetchall()]
@@ -242,13 +244,12 @@ def stream_range_sums(
     still sums the others."""
     if not ranges:
         return
-    bounds = [_inclusive(lo, hi) for lo, hi in ranges]
     query = range_sums_query(get_dataset(target.dataset), extent=False)
     rows: list[RangeSum] = []
     with conn.cursor() as cursor:
         # Chunked rows: libpq hands over each ``batch`` rows as they arrive.
         for count, checksum, _, _ in cursor.stream(
-            query, [*_bigint_arrays(bounds), target.client_id], size=batch
+            query, _ranges_params(target, ranges), size=batch
         ):
             rows.append(RangeSum(count, int(checksum)))
             if len(rows) == batch:
@@ -282,10 +283,8 @@ def _leaf_differences(
     snapshot: dict[int, int] = {}
     for leaf in leaves:
         snapshot.update(leaf.snapshot.versions_in(leaf.lo, leaf.hi))
-    bounds = [leaf.bounds() for leaf in leaves]
     found = conn.execute(
-        versions_query(dataset),
-        [*_bigint_arrays(bounds), target.client_id],
+        versions_query(dataset), _ranges_params(target, [(leaf.lo, leaf.hi) for leaf in leaves])
     ).fetchall()
 
     differing: dict[int, int | None] = {}  # the snapshot's version of each differing key
