@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import psycopg
@@ -21,6 +22,17 @@ def database_rows(pg: psycopg.Connection, target: Target) -> list[dict[str, Any]
     query, params = range_query(dataset, exact=True)
     cursor = pg.execute(query, [target.client_id, *params])
     return [dict(zip(dataset.column_names, row, strict=True)) for row in cursor]
+
+
+def change_rows(
+    pg: psycopg.Connection, client_id: int, keys: Sequence[int], currency: str = "XTS"
+) -> None:
+    """Drift made on purpose: new values for rows of a client's ``raw_data``, behind the
+    consumer's back (the database gives the rows new versions)."""
+    pg.execute(
+        "UPDATE raw_data SET currency = %s WHERE client_id = %s AND id = ANY(%s)",
+        [currency, client_id, list(keys)],
+    )
 
 
 def snapshot_rows(settings: Settings, target: Target) -> list[dict[str, Any]]:

@@ -18,6 +18,7 @@ from reconcile_helpers import (
     ROWS,
     SEGMENT_ROWS,
     assert_snapshot_equals_database,
+    change_rows,
     database_rows,
     snapshot_rows,
 )
@@ -110,9 +111,7 @@ def test_rows_changed_behind_the_consumers_offsets_are_repaired_in_place(
     client = bootstrapped.client_id
     # Keys 12, 13 and 14 share the first segment (1-50), 120 is in the third, 280 and the
     # new 5000 in the last (251 on); 120 is deleted and inserted again with other values.
-    pg.execute(
-        "UPDATE raw_data SET currency = 'XTS' WHERE client_id = %s AND id IN (12, 280)", [client]
-    )
+    change_rows(pg, client, [12, 280])
     pg.execute("DELETE FROM raw_data WHERE client_id = %s AND id IN (13, 14)", [client])
     pg.execute(
         "INSERT INTO raw_data (id, client_id, entity_id, data_item_id, period, value, currency, "
@@ -175,10 +174,7 @@ def test_a_drifted_segment_whose_object_is_gone_is_rebuilt_as_missing(
     # Its sums differ, so it is read without waiting for the check of every object; the
     # read fails, and the reason is the check's: the object is missing.
     segment = _segment(writer, bootstrapped, 2)
-    pg.execute(
-        "UPDATE raw_data SET currency = 'XTS' WHERE client_id = %s AND id = 120",
-        [bootstrapped.client_id],
-    )
+    change_rows(pg, bootstrapped.client_id, [120])
     writer.store.delete_many([segment.key])
 
     target = reconciler.run([bootstrapped]).targets[0]
@@ -291,10 +287,7 @@ def test_a_segment_header_that_misstates_a_block_checksum_is_rebuilt(
     forged = next(candidate for candidate in candidates if len(candidate) == len(data))
     writer.store.put(segment.key, forged)
     drifted = segment.min_key + 35
-    pg.execute(
-        "UPDATE raw_data SET currency = 'XTS' WHERE client_id = %s AND id = %s",
-        [bootstrapped.client_id, drifted],
-    )
+    change_rows(pg, bootstrapped.client_id, [drifted])
 
     report = reconciler.run([bootstrapped])
 
@@ -338,10 +331,7 @@ def test_a_deleted_manifest_falls_back_to_a_bootstrap(
     writer: SnapshotWriter,
     small_settings: Settings,
 ) -> None:
-    pg.execute(
-        "UPDATE raw_data SET currency = 'XTS' WHERE client_id = %s AND id = 7",
-        [bootstrapped.client_id],
-    )
+    change_rows(pg, bootstrapped.client_id, [7])
     state = writer.registry.get(bootstrapped)
     assert state is not None
     writer.store.delete_many([state.manifest_key])
@@ -363,10 +353,7 @@ def test_a_flushed_registry_is_rebuilt_from_s3_before_comparing(
     small_settings: Settings,
 ) -> None:
     before = writer.registry.get(bootstrapped)
-    pg.execute(
-        "UPDATE raw_data SET currency = 'XTS' WHERE client_id = %s AND id = 77",
-        [bootstrapped.client_id],
-    )
+    change_rows(pg, bootstrapped.client_id, [77])
     client = writer.registry.client
     client.delete(*client.keys(small_settings.redis.key_prefix + "*"))
     assert writer.registry.get(bootstrapped) is None
@@ -452,7 +439,7 @@ def test_a_publish_racing_the_repair_is_never_overwritten(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     client = bootstrapped.client_id
-    pg.execute("UPDATE raw_data SET currency = 'XTS' WHERE client_id = %s AND id = 30", [client])
+    change_rows(pg, client, [30])
     apply_changes = reconciler.writer.apply_changes
     raced: list[int] = []
 
@@ -460,9 +447,7 @@ def test_a_publish_racing_the_repair_is_never_overwritten(
         if not raced:
             # The consumer applies a change of its own and publishes, with a newer offset,
             # between the reconciliation's comparison and its publish.
-            pg.execute(
-                "UPDATE raw_data SET currency = 'XAU' WHERE client_id = %s AND id = 31", [client]
-            )
+            change_rows(pg, client, [31], "XAU")
             row = next(r for r in database_rows(pg, target) if r["id"] == 31)
             moved = SourcePosition(offsets={"sb.public.raw_data:0": 99})
             result = writer.apply_changes(target, {31: row}, [], moved, expected=expected)
@@ -489,15 +474,13 @@ def test_rows_that_change_during_the_grace_period_are_left_to_the_consumer(
     small_settings: Settings,
 ) -> None:
     client = bootstrapped.client_id
-    pg.execute(
-        "UPDATE raw_data SET currency = 'XTS' WHERE client_id = %s AND id IN (3, 4)", [client]
-    )
+    change_rows(pg, client, [3, 4])
     first = TargetReport(bootstrapped)
     seen = reconciler.reconcile_target(bootstrapped, first, repair=False)
     assert first.outcome == DRIFT and seen is not None and sorted(seen) == [3, 4]
 
     # Row 4 changes again: a change still on its way through the stream, not drift.
-    pg.execute("UPDATE raw_data SET currency = 'XAG' WHERE client_id = %s AND id = 4", [client])
+    change_rows(pg, client, [4], "XAG")
     second = TargetReport(bootstrapped)
     reconciler.reconcile_target(bootstrapped, second, repair=True, confirm=seen)
 
@@ -514,10 +497,7 @@ def test_bisection_narrows_to_the_rows_in_a_large_segment(
     pg.execute("DELETE FROM raw_data WHERE client_id = %s", [target.client_id])
     seed_target(pg, target, 20_000)
     bootstrap_target(target, settings)
-    pg.execute(
-        "UPDATE raw_data SET currency = 'XTS' WHERE client_id = %s AND id IN (5, 17777)",
-        [target.client_id],
-    )
+    change_rows(pg, target.client_id, [5, 17777])
 
     with Reconciler(settings, ReconcileOptions(parallel=1)) as reconciler:
         report = reconciler.run([target])
@@ -566,9 +546,7 @@ def test_a_large_target_compared_in_two_halves_finds_the_same_drift(
     monkeypatch.setattr(reconcile, "_stream_sums", recording)
     client = bootstrapped.client_id
     # Key 20 is in the lower half of the target's blocks, 290 in the upper half.
-    pg.execute(
-        "UPDATE raw_data SET currency = 'XTS' WHERE client_id = %s AND id IN (20, 290)", [client]
-    )
+    change_rows(pg, client, [20, 290])
 
     options = ReconcileOptions(parallel=2, split_rows=ROWS - 1)
     with Reconciler(small_settings, options) as reconciler:
@@ -606,10 +584,7 @@ def test_drift_wider_than_the_repair_limit_is_rebuilt_not_bisected(
 ) -> None:
     # Four of the six 50-row segments differ: 200 rows to compare, over half the target.
     keys = [10, 60, 110, 160]
-    pg.execute(
-        "UPDATE raw_data SET currency = 'XTS' WHERE client_id = %s AND id = ANY(%s)",
-        [bootstrapped.client_id, keys],
-    )
+    change_rows(pg, bootstrapped.client_id, keys)
 
     options = ReconcileOptions(parallel=2, split_rows=split_rows, max_repair_rows=100)
     with Reconciler(small_settings, options) as reconciler:
@@ -629,10 +604,7 @@ def test_drift_past_the_repair_limit_in_a_small_share_of_the_target_is_repaired_
 ) -> None:
     # Two segments differ: 100 rows to compare, over the limit of 60 but a third of the
     # target, so the segment held back until every sum is in is read after all.
-    pg.execute(
-        "UPDATE raw_data SET currency = 'XTS' WHERE client_id = %s AND id IN (10, 160)",
-        [bootstrapped.client_id],
-    )
+    change_rows(pg, bootstrapped.client_id, [10, 160])
 
     options = ReconcileOptions(parallel=2, split_rows=split_rows, max_repair_rows=60)
     with Reconciler(small_settings, options) as reconciler:
@@ -649,10 +621,7 @@ def test_a_half_whose_sums_fail_fails_the_target_and_the_next_run_recovers(
     small_settings: Settings,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    pg.execute(
-        "UPDATE raw_data SET currency = 'XTS' WHERE client_id = %s AND id = 290",
-        [bootstrapped.client_id],
-    )
+    change_rows(pg, bootstrapped.client_id, [290])
     stream = reconcile.stream_range_sums
 
     def cut_off(
@@ -746,7 +715,7 @@ def test_a_target_with_deltas_in_sync_is_compared_folded_and_writes_nothing(
     bootstrapped: Target, pg: psycopg.Connection, reconciler: Reconciler, writer: SnapshotWriter
 ) -> None:
     client = bootstrapped.client_id
-    pg.execute("UPDATE raw_data SET currency = 'XTS' WHERE client_id = %s AND id = 60", [client])
+    change_rows(pg, client, [60])
     pg.execute("DELETE FROM raw_data WHERE client_id = %s AND id = 61", [client])
     _publish_as_delta(writer, pg, bootstrapped, [60, 61])
     version = _version(writer, bootstrapped)
@@ -767,15 +736,11 @@ def test_drift_under_deltas_is_repaired_with_the_deltas_folded_in(
     small_settings: Settings,
 ) -> None:
     client = bootstrapped.client_id
-    pg.execute(
-        "UPDATE raw_data SET currency = 'XTS' WHERE client_id = %s AND id IN (60, 160)", [client]
-    )
+    change_rows(pg, client, [60, 160])
     _publish_as_delta(writer, pg, bootstrapped, [60, 160])
     # Drift the consumer never saw: in one segment the delta touched (51-100), and in one
     # it did not (201-250). The other folded segment (151-200) is uploaded by the repair.
-    pg.execute(
-        "UPDATE raw_data SET currency = 'XAU' WHERE client_id = %s AND id IN (70, 210)", [client]
-    )
+    change_rows(pg, client, [70, 210], "XAU")
 
     report = reconciler.run([bootstrapped])
 

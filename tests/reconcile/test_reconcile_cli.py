@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import psycopg
-from reconcile_helpers import ROWS, assert_snapshot_equals_database
+from reconcile_helpers import ROWS, assert_snapshot_equals_database, change_rows
 
 from schemas.datasets import Target
 from storage_builder.settings import Settings
@@ -32,10 +32,7 @@ def test_drift_exits_3_then_in_sync_exits_0_with_a_json_report(
     small_settings: Settings,
     tmp_path: Path,
 ) -> None:
-    pg.execute(
-        "UPDATE raw_data SET currency = 'XTS' WHERE client_id = %s AND id = 9",
-        [bootstrapped.client_id],
-    )
+    change_rows(pg, bootstrapped.client_id, [9])
     report_file = tmp_path / "report.json"
     client = str(bootstrapped.client_id)
 
